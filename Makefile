@@ -1,0 +1,35 @@
+# Two commands:  make run  (set up, then the default training job)   make test  (set up, then the suite)
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+NP      ?= 4
+MPIEXEC := $(BIN)/mpiexec
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup data run baseline test bench clean
+
+setup: $(STAMP) data
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[mpich,test,bench]'
+	touch $(STAMP)
+
+# Fashion-MNIST from the Debian package where apt is there; elsewhere mpi_sfl downloads and verifies it.
+data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	fi
+
+run: setup
+	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m mpi_sfl train $(ARGS)
+
+baseline: setup
+	$(BIN)/mpi-sfl baseline $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

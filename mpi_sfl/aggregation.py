@@ -1,0 +1,84 @@
+"""Client-side FedAvg over MPI: one flat float32 buffer per collective.
+
+Each logical client's parameters are views into one flat tensor with a spare last slot, so
+"flatten" is free. A client rank fills the slot with the samples trained since the last averaging
+and contributes sum_i n_i W_i (and sum_i n_i) in one buffer:
+- centralized: Reduce(SUM) to the fed server on the fed+clients communicator, which divides and
+  Bcasts the average back (master/worker);
+- decentralized: Allreduce(SUM) among client ranks, each divides locally (peer to peer).
+Reductions stay float32 (bf16 reductions are broken in MPI).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from .timing import Timers
+from .transport import polite_wait
+
+
+def flatten_params(modules: Iterable[nn.Module], device: torch.device) -> torch.Tensor:
+    """Copy the parameters into one float32 buffer of length P + 1 and make them views of it."""
+    params = [p for m in modules for p in m.parameters()]
+    flat = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float32, device=device)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        flat[offset:offset + n].copy_(p.detach().reshape(-1))
+        p.data = flat[offset:offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+def attach_flat_grads(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """A zeroed float32 buffer of length P + 1 whose slices are the parameters' .grad tensors."""
+    flat = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float32, device=device)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def host(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+class Aggregator:
+    """Averages weighted flat vectors across client ranks (and the fed server, if centralized)."""
+
+    def __init__(self, mode: str, comm: MPI.Comm, timers: Timers):
+        self.mode, self.comm, self.timers = mode, comm, timers
+        self.bytes_sent = 0
+
+    def average(self, buf: torch.Tensor) -> torch.Tensor:
+        """Client side. `buf` holds [sum_i n_i W_i, sum_i n_i]; on return it holds [average, total]."""
+        with self.timers.phase("aggregation"):
+            data = host(buf)
+            if self.mode == "centralized":
+                polite_wait(self.comm.Ireduce(data, None, op=MPI.SUM, root=0))
+                polite_wait(self.comm.Ibcast(data, root=0))
+            else:
+                polite_wait(self.comm.Iallreduce(MPI.IN_PLACE, data, op=MPI.SUM))
+                if data[-1] > 0:
+                    data[:-1] /= data[-1]
+            self.bytes_sent += data.nbytes
+            if buf.device.type != "cpu":
+                buf.copy_(torch.from_numpy(data))
+        return buf
+
+    def average_at_root(self, data: np.ndarray) -> np.ndarray:
+        """Fed server side of `average` (centralized): contributes nothing, divides, broadcasts."""
+        with self.timers.phase("aggregation"):
+            data[:] = 0
+            polite_wait(self.comm.Ireduce(MPI.IN_PLACE, data, op=MPI.SUM, root=0))
+            if data[-1] > 0:
+                data[:-1] /= data[-1]
+            polite_wait(self.comm.Ibcast(data, root=0))
+            self.bytes_sent += data.nbytes
+        return data

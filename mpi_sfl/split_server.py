@@ -1,0 +1,163 @@
+"""The split server: runs f_s for its clients, one averaged update per step (the sync variant).
+
+Per step it expects, from each of its client ranks, one activation per active logical client and
+(U-shape) one delta per activation. It posts a receive per client rank and kind and serves whichever
+message is ready. It keeps no autograd graph between a forward and its backward unless
+sfl.state = "graph" (see state.py). Gradients are accumulated sample-weighted into one flat buffer,
+Allreduced across split-server replicas with the step's sample count, and applied once.
+"""
+from __future__ import annotations
+
+import shutil
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from . import models
+from .aggregation import attach_flat_grads, host
+from .job import WEIGHTS_TAG, Job
+from .layout import SERVER
+from .state import make_state
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, polite_wait
+
+
+def run(job: Job) -> None:
+    cfg = job.cfg
+    u_shape = cfg["model"]["split"] == "u"
+    grad_input = not cfg["model"]["freeze_encoder"]
+    seed = cfg["run"]["seed"]
+    model = models.build(cfg["model"]["name"], seed)
+    body = models.server_part(model, cfg["model"]["split"]).to(job.device).train()
+    params = list(body.parameters())
+    flat_w = torch.nn.utils.parameters_to_vector(params)  # only for shipping at round end
+    gflat = attach_flat_grads(params, job.device)
+    opt = torch.optim.SGD(params, lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
+    state = make_state(cfg["sfl"]["state"], body, grad_input, job.scratch, job.device)
+    my_ranks = job.layout.client_ranks_of(job.rank)
+    loss_sum = samples = 0.0
+    try:
+        for rnd in range(cfg["train"]["rounds"]):
+            t0 = MPI.Wtime()
+            for step in range(job.steps):
+                expected = {r: [c for c in job.layout.clients_of(r) if job.batch_len(c, step)] for r in my_ranks}
+                gflat.zero_()
+                if u_shape:
+                    serve_u_step(job, state, expected, rnd, step, gflat, grad_input)
+                else:
+                    ls = serve_label_step(job, body, params, expected, rnd, step, gflat, grad_input)
+                    loss_sum += ls
+                apply_update(job, gflat, params, opt)
+                samples += sum(job.batch_len(c, step) for cs in expected.values() for c in cs)
+            if job.rank == 1:
+                flat_w.copy_(torch.nn.utils.parameters_to_vector(params))
+                job.comm.Send(host(flat_w), dest=0, tag=WEIGHTS_TAG)
+            job.gather_stats(job.stats(SERVER, loss_sum, samples if not u_shape else 0.0,
+                                       job.transport.bytes_sent, MPI.Wtime() - t0))
+            loss_sum = samples = 0.0
+    finally:
+        state.close()
+        if job.scratch is not None:
+            shutil.rmtree(job.scratch, ignore_errors=True)
+
+
+def _post_all(job: Job, expected: dict[int, list[int]], kinds: tuple[int, ...]):
+    """One pending header receive per (client rank, kind) that still has messages to come."""
+    reqs, meta, left = [], [], {}
+    for src, clients in expected.items():
+        for kind in kinds:
+            if clients:
+                left[(src, kind)] = len(clients)
+                req, header = job.transport.irecv_header(src, kind)
+                reqs.append(req)
+                meta.append((src, kind, header))
+    return reqs, meta, left
+
+
+def _next(job: Job, reqs, meta, left):
+    """Wait for whichever pending header completes; re-arm that (source, kind) if more are due."""
+    t0 = MPI.Wtime()
+    idx = polite_wait(reqs, any_=True)
+    job.timers.add("p2p_wait", MPI.Wtime() - t0)
+    src, kind, header = meta[idx]
+    left[(src, kind)] -= 1
+    if left[(src, kind)]:
+        reqs[idx], new_header = job.transport.irecv_header(src, kind)
+        meta[idx] = (src, kind, new_header)
+    else:
+        reqs[idx] = MPI.REQUEST_NULL
+    return src, kind, header
+
+
+def serve_u_step(job: Job, state, expected, rnd: int, step: int, gflat: torch.Tensor, grad_input: bool) -> None:
+    """U-shape: forward each activation as it arrives, backward each delta as it arrives."""
+    seed = job.cfg["run"]["seed"]
+    reqs, meta, left = _post_all(job, expected, (ACT, DELTA))
+    count = 0.0
+    for _ in range(2 * sum(len(c) for c in expected.values())):
+        src, kind, header = _next(job, reqs, meta, left)
+        h_or_delta = job.transport.recv_payload(header, src)
+        client = int(header[3])
+        with job.timers.phase("server_compute"):
+            if kind == ACT:
+                z = state.forward((rnd, step, client), h_or_delta, models.batch_seed(seed, rnd, step, client, 1))
+            else:
+                grads, grad_h = state.backward((rnd, step, client), h_or_delta)
+                b = h_or_delta.shape[0]
+                _accumulate(gflat, grads, b)
+                count += b
+        if kind == ACT:
+            job.transport.isend(z, src, OUT, rnd, step, client)
+        elif grad_input:
+            job.transport.isend(grad_h, src, GRAD_IN, rnd, step, client)
+    gflat[-1] = count
+    job.transport.wait_sends()
+
+
+def serve_label_step(job: Job, body, params, expected, rnd: int, step: int, gflat: torch.Tensor,
+                     grad_input: bool) -> float:
+    """Label-sharing: activation and labels arrive together; forward, loss and backward at once."""
+    seed = job.cfg["run"]["seed"]
+    reqs, meta, left = _post_all(job, expected, (ACT,))
+    count = loss_sum = 0.0
+    for _ in range(sum(len(c) for c in expected.values())):
+        src, _, header = _next(job, reqs, meta, left)
+        h = job.transport.recv_payload(header, src).clone().requires_grad_(grad_input)
+        _, y = job.transport.recv(src, LABELS)
+        client = int(header[3])
+        with job.timers.phase("server_compute"):
+            torch.manual_seed(models.batch_seed(seed, rnd, step, client, 1))
+            loss = F.cross_entropy(body(h), y)
+            inputs = params + ([h] if grad_input else [])
+            grads = torch.autograd.grad(loss, inputs)
+            b = h.shape[0]
+            _accumulate(gflat, grads[:len(params)], b)
+            count += b
+            loss_sum += loss.item() * b
+        if grad_input:
+            job.transport.isend(grads[-1], src, GRAD_IN, rnd, step, client)
+    gflat[-1] = count
+    job.transport.wait_sends()
+    return loss_sum
+
+
+def _accumulate(gflat: torch.Tensor, grads, weight: int) -> None:
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        gflat[offset:offset + n].add_(g.reshape(-1), alpha=weight)
+        offset += n
+
+
+def apply_update(job: Job, gflat: torch.Tensor, params, opt: torch.optim.Optimizer) -> None:
+    """Sum the replicas' sample-weighted gradients and counts, divide, step: replicas stay identical."""
+    if job.layout.servers > 1:
+        with job.timers.phase("aggregation"):
+            data = host(gflat)
+            polite_wait(job.servers_comm.Iallreduce(MPI.IN_PLACE, data, op=MPI.SUM))
+            if gflat.device.type != "cpu":
+                gflat.copy_(torch.from_numpy(data))
+    with job.timers.phase("server_compute"):
+        if gflat[-1] > 0:
+            gflat[:-1].div_(gflat[-1])
+            opt.step()

@@ -1,0 +1,181 @@
+"""What the split server keeps between a batch's forward and its backward (design §3).
+
+- graph:  the autograd graph of z in memory (memory grows with batches in flight);
+- memory: only the input h, recomputing z = f_s(h) when the gradient arrives;
+- file:   like memory, but h goes to node-local scratch under a fresh UUID4 and is read back and
+          deleted on the backward, so the server holds no per-batch tensors in RAM.
+Recompute draws the same dropout masks because every forward of a (round, step, client) batch is
+seeded from those numbers (models.batch_seed); the seed is stored with h.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .transport import DTYPE_CODE, DTYPES, as_buffer
+
+Key = tuple[int, int, int]  # (round, step, logical client)
+FILE_MAGIC = 0x5346_4C31  # "SFL1"
+
+
+class GraphState:
+    """Keeps z's graph; the baseline every other mode is compared against."""
+
+    def __init__(self, body: nn.Module, grad_input: bool):
+        self.body, self.grad_input = body, grad_input
+        self.params = [p for p in body.parameters() if p.requires_grad]
+        self._kept: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, key: Key, h: torch.Tensor, seed: int) -> torch.Tensor:
+        h = h.clone().requires_grad_(self.grad_input)  # the received buffer is reused
+        torch.manual_seed(seed)
+        z = self.body(h)
+        self._kept[key] = (h, z)
+        return z.detach()
+
+    def backward(self, key: Key, delta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        h, z = self._kept.pop(key)
+        return self._grads(z, h, delta)
+
+    def _grads(self, z, h, delta):
+        inputs = self.params + ([h] if self.grad_input else [])
+        grads = torch.autograd.grad(z, inputs, grad_outputs=delta)
+        return list(grads[:len(self.params)]), (grads[-1] if self.grad_input else None)
+
+    def in_flight(self) -> int:
+        return len(self._kept)
+
+    def close(self) -> None:
+        self._kept.clear()
+
+
+class MemoryState(GraphState):
+    """Keeps the input only; recomputes the forward with autograd on when delta arrives."""
+
+    def forward(self, key: Key, h: torch.Tensor, seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            z = self.body(h)
+        self._put(key, h, seed)
+        return z
+
+    def backward(self, key: Key, delta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        h, seed = self._take(key)
+        h.requires_grad_(self.grad_input)
+        with torch.enable_grad():
+            torch.manual_seed(seed)
+            z = self.body(h)
+        return self._grads(z, h, delta)
+
+    def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
+        self._kept[key] = (h.clone(), seed)
+
+    def _take(self, key: Key) -> tuple[torch.Tensor, int]:
+        return self._kept.pop(key)
+
+
+class FileState(MemoryState):
+    """Keeps the input in a UUID4-named file in scratch; RAM holds only key -> file name."""
+
+    def __init__(self, body: nn.Module, grad_input: bool, scratch: Path, device: torch.device):
+        super().__init__(body, grad_input)
+        self.scratch, self.device = scratch, device
+        self._names: dict[Key, str] = {}
+
+    def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
+        name = uuid.uuid4().hex
+        t = h.detach().to("cpu").contiguous()
+        header = np.array([FILE_MAGIC, seed, DTYPE_CODE[t.dtype], t.dim(), *t.shape], dtype=np.int64)
+        with open(self.scratch / name, "wb") as f:
+            f.write(np.int64(len(header)).tobytes())
+            f.write(header.tobytes())
+            f.write(memoryview(as_buffer(t)).cast("B"))
+        self._names[key] = name
+
+    def _take(self, key: Key) -> tuple[torch.Tensor, int]:
+        path = self.scratch / self._names.pop(key)  # only names this server made become paths
+        raw = path.read_bytes()
+        path.unlink()
+        n = int(np.frombuffer(raw, np.int64, 1)[0])
+        header = np.frombuffer(raw, np.int64, n, offset=8)
+        if header[0] != FILE_MAGIC:
+            raise RuntimeError(f"scratch file {path} is not an mpi_sfl activation file")
+        seed, dtype, ndim = int(header[1]), DTYPES[int(header[2])], int(header[3])
+        shape = tuple(int(s) for s in header[4:4 + ndim])
+        flat = torch.frombuffer(bytearray(raw[8 + 8 * n:]), dtype=dtype)
+        return flat.reshape(shape).to(self.device), seed
+
+    def in_flight(self) -> int:
+        return len(self._names)
+
+    def close(self) -> None:
+        for name in self._names.values():
+            (self.scratch / name).unlink(missing_ok=True)
+        self._names.clear()
+
+
+def make_state(mode: str, body: nn.Module, grad_input: bool, scratch: Path | None, device: torch.device):
+    if mode == "graph":
+        return GraphState(body, grad_input)
+    if mode == "memory":
+        return MemoryState(body, grad_input)
+    return FileState(body, grad_input, scratch, device)
+
+
+# -- scratch directory ------------------------------------------------------------------------
+OWNER_FILE = ".owner"
+PREFIX = "mpi_sfl-"
+
+
+def scratch_base(configured: str) -> Path:
+    return Path(configured or os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(base: Path) -> list[Path]:
+    """Remove scratch dirs of mpi_sfl servers on this host whose process is gone (killed jobs)."""
+    removed = []
+    host = socket.gethostname()
+    for d in base.glob(PREFIX + "*"):
+        try:
+            owner_host, pid = (d / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if d.is_dir() and d.stat().st_uid == os.getuid() and owner_host == host and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def make_scratch(configured: str, job: str) -> Path:
+    """A fresh 0700 per-job dir for this server process, after clearing stale ones."""
+    base = scratch_base(configured)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        clean_stale(base)
+        d = base / f"{PREFIX}{job}-{os.getpid()}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)
+        (d / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as exc:
+        raise UserError(f"cannot use scratch dir under {base} ({exc}); set run.scratch_dir") from None
+    return d

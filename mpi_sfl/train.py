@@ -1,0 +1,56 @@
+"""`mpi-sfl train`: set up on every rank, then hand each rank to its role.
+
+    mpiexec -n 4 python -m mpi4py -m mpi_sfl train [CONFIG.toml] [--set section.key=value ...]
+
+Set-up (config, layout, data, scratch) is collective and fails together: one clear message from
+rank 0, exit code 2 on every rank, no hang.
+"""
+from __future__ import annotations
+
+import os
+
+from mpi4py import MPI
+
+from . import client, config, data, fed_server, split_server
+from .errors import fail_together
+from .job import Job, make_comms
+from .layout import CLIENT, FED, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
+from .state import make_scratch
+from .transport import polite_wait
+
+
+def main(cfg_path: str | None, overrides: list[str]) -> None:
+    comm = MPI.COMM_WORLD
+    local, local_size = local_rank(comm)
+
+    def setup():
+        check_launch(comm.size)
+        cfg = config.load(cfg_path, overrides)
+        layout = Layout.from_config(cfg, comm.size)
+        cfg["train"]["clients"] = layout.clients  # resolved: the written config.toml reruns as is
+        return cfg, layout
+
+    cfg, layout = fail_together(comm, setup)
+    role = layout.role(comm.rank)
+    # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache.
+    fail_together(comm, lambda: data.locate_fashion_mnist(cfg["data"]["dir"])
+                  if comm.rank == 0 and cfg["data"]["dataset"] == "fashion-mnist" else None)
+
+    def load():
+        device = pick_device(cfg["run"]["device"], local)
+        set_threads(cfg["run"]["threads"], local_size)
+        labels = data.load(cfg, "train", labels_only=True).y.numpy()
+        job = Job(cfg, layout, comm, device, data.partition(labels, layout.clients, cfg))
+        if role == CLIENT:
+            job.train = data.load(cfg, "train")
+        if role == FED:
+            job.test = data.load(cfg, "test")
+        if role == SERVER and cfg["sfl"]["state"] == "file":
+            job.scratch = make_scratch(cfg["run"]["scratch_dir"],
+                                       f"{os.environ.get('SLURM_JOB_ID', 'local')}-r{comm.rank}")
+        return job
+
+    job = fail_together(comm, load)
+    make_comms(job)
+    {FED: fed_server.run, SERVER: split_server.run, CLIENT: client.run}[role](job)
+    polite_wait(comm.Ibarrier())  # nobody exits before rank 0 has written the results

@@ -1,0 +1,56 @@
+"""Config parsing and validation, in-process."""
+from __future__ import annotations
+
+import pytest
+
+from mpi_sfl import config
+from mpi_sfl.errors import UserError
+
+
+def test_defaults_are_valid_and_documented_keys_exist():
+    cfg = config.load()
+    assert cfg.model.name == "cnn" and cfg.model.split == "u" and cfg.sfl.state == "file"
+    for key in ("data.dataset", "data.dir", "data.train_samples", "data.partition", "data.alpha",
+                "model.name", "model.split", "model.freeze_encoder", "train.rounds", "train.batch_size",
+                "train.lr", "train.momentum", "train.aggregate_every", "train.clients", "sfl.state",
+                "sfl.aggregation", "run.seed", "run.out_dir", "run.scratch_dir", "run.device"):
+        config.load(overrides=[f"{key}={config.to_toml(config.defaults()).split(key.split('.')[1] + ' = ')[1].splitlines()[0]}"])
+
+
+def test_set_overrides_and_types():
+    cfg = config.load(overrides=["train.lr=0.1", "train.rounds=7", "model.split=label-sharing",
+                                 "model.freeze_encoder=true", "train.momentum=0"])
+    assert cfg.train.lr == 0.1 and cfg.train.rounds == 7 and cfg.model.split == "label-sharing"
+    assert cfg.model.freeze_encoder is True and isinstance(cfg.train.momentum, float)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+    ("trian.lr=0.1", "unknown config key 'trian.lr'"),
+    ("train.rounds=1.5", "train.rounds (--set) must be int"),
+    ("train.rounds=0", "train.rounds must be > 0"),
+    ("sfl.state=disk", "sfl.state = 'disk' is not one of file, memory, graph"),
+    ("model.freeze_encoder=1", "must be bool"),
+    ("train.momentum=1.0", "train.momentum must be < 1"),
+    ("nodot=3", "must look like section.key"),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(UserError, match=None) as exc:
+        config.load(overrides=[override])
+    assert words in str(exc.value)
+
+
+def test_file_round_trip(tmp_path):
+    cfg = config.load(overrides=["train.lr=0.125", 'run.out_dir="a \\"quoted\\" dir"'])
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml(cfg))
+    assert config.load(str(path)) == cfg
+
+
+def test_unknown_section_in_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[trainer]\nlr = 0.1\n")
+    with pytest.raises(UserError, match=r"unknown config section \[trainer\]"):
+        config.load(str(path))
+    with pytest.raises(UserError, match="not found"):
+        config.load(str(tmp_path / "missing.toml"))
