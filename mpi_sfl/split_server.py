@@ -90,52 +90,67 @@ def _next(job: Job, reqs, meta, left):
 
 
 def serve_u_step(job: Job, state, expected, rnd: int, step: int, gflat: torch.Tensor, grad_input: bool) -> None:
-    """U-shape: forward each activation as it arrives, backward each delta as it arrives."""
+    """U-shape: forward each activation as it arrives; backward the deltas in client order.
+
+    Forwards go as soon as an activation is ready. Backwards are applied in logical-client order
+    (an early delta waits for its turn) so the gradient sum has the same rounding in every run:
+    same seed, same config, bit-identical results, whatever the arrival order.
+    """
     seed = job.cfg["run"]["seed"]
     reqs, meta, left = _post_all(job, expected, (ACT, DELTA))
+    order = sorted(c for cs in expected.values() for c in cs)
+    waiting: dict[int, tuple[int, torch.Tensor]] = {}
     count = 0.0
-    for _ in range(2 * sum(len(c) for c in expected.values())):
+    for _ in range(2 * len(order)):
         src, kind, header = _next(job, reqs, meta, left)
-        h_or_delta = job.transport.recv_payload(header, src)
+        payload = job.transport.recv_payload(header, src)
         client = int(header[3])
-        with job.timers.phase("server_compute"):
-            if kind == ACT:
-                z = state.forward((rnd, step, client), h_or_delta, models.batch_seed(seed, rnd, step, client, 1))
-            else:
-                grads, grad_h = state.backward((rnd, step, client), h_or_delta)
-                b = h_or_delta.shape[0]
-                _accumulate(gflat, grads, b)
-                count += b
         if kind == ACT:
+            with job.timers.phase("server_compute"):
+                z = state.forward((rnd, step, client), payload, models.batch_seed(seed, rnd, step, client, 1))
             job.transport.isend(z, src, OUT, rnd, step, client)
-        elif grad_input:
-            job.transport.isend(grad_h, src, GRAD_IN, rnd, step, client)
+            continue
+        waiting[client] = (src, payload.clone())
+        while order and order[0] in waiting:
+            client = order.pop(0)
+            src, delta = waiting.pop(client)
+            with job.timers.phase("server_compute"):
+                grads, grad_h = state.backward((rnd, step, client), delta)
+                _accumulate(gflat, grads, delta.shape[0])
+                count += delta.shape[0]
+            if grad_input:
+                job.transport.isend(grad_h, src, GRAD_IN, rnd, step, client)
     gflat[-1] = count
     job.transport.wait_sends()
 
 
 def serve_label_step(job: Job, body, params, expected, rnd: int, step: int, gflat: torch.Tensor,
                      grad_input: bool) -> float:
-    """Label-sharing: activation and labels arrive together; forward, loss and backward at once."""
+    """Label-sharing: activation and labels arrive together; forward, loss and backward, in client
+    order (see serve_u_step) so that runs are bit-reproducible."""
     seed = job.cfg["run"]["seed"]
     reqs, meta, left = _post_all(job, expected, (ACT,))
+    order = sorted(c for cs in expected.values() for c in cs)
+    waiting: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
     count = loss_sum = 0.0
-    for _ in range(sum(len(c) for c in expected.values())):
+    for _ in range(len(order)):
         src, _, header = _next(job, reqs, meta, left)
-        h = job.transport.recv_payload(header, src).clone().requires_grad_(grad_input)
+        h = job.transport.recv_payload(header, src).clone()
         _, y = job.transport.recv(src, LABELS)
-        client = int(header[3])
-        with job.timers.phase("server_compute"):
-            torch.manual_seed(models.batch_seed(seed, rnd, step, client, 1))
-            loss = F.cross_entropy(body(h), y)
-            inputs = params + ([h] if grad_input else [])
-            grads = torch.autograd.grad(loss, inputs)
-            b = h.shape[0]
-            _accumulate(gflat, grads[:len(params)], b)
-            count += b
-            loss_sum += loss.item() * b
-        if grad_input:
-            job.transport.isend(grads[-1], src, GRAD_IN, rnd, step, client)
+        waiting[int(header[3])] = (src, h, y.clone())
+        while order and order[0] in waiting:
+            client = order.pop(0)
+            src, h, y = waiting.pop(client)
+            with job.timers.phase("server_compute"):
+                h.requires_grad_(grad_input)
+                torch.manual_seed(models.batch_seed(seed, rnd, step, client, 1))
+                loss = F.cross_entropy(body(h), y)
+                grads = torch.autograd.grad(loss, params + ([h] if grad_input else []))
+                _accumulate(gflat, grads[:len(params)], h.shape[0])
+                count += h.shape[0]
+                loss_sum += loss.item() * h.shape[0]
+            if grad_input:
+                job.transport.isend(grads[-1], src, GRAD_IN, rnd, step, client)
     gflat[-1] = count
     job.transport.wait_sends()
     return loss_sum

@@ -1,0 +1,52 @@
+"""Mistakes end the job at once: exit 2, one clear message, no traceback, no hang."""
+from __future__ import annotations
+
+import shutil
+import time
+
+from conftest import TINY, mpirun, sets
+from mpi_sfl import data
+
+
+def run_fails(ranks: int, *args: str, words: str):
+    t0 = time.monotonic()
+    proc = mpirun(ranks, "train", *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert words in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 40
+    return proc
+
+
+def test_unknown_key():
+    run_fails(4, "--set", "train.lerning_rate=0.1", words="unknown config key 'train.lerning_rate'")
+
+
+def test_wrong_world_size():
+    run_fails(2, *sets(TINY), words="run with mpiexec -n 3 or more")
+    run_fails(5, *sets(TINY + ["train.clients=2"]), words="run with mpiexec -n 4 or raise train.clients")
+
+
+def test_missing_dataset(tmp_path):
+    run_fails(4, "--set", f'data.dir="{tmp_path}"', "--set", "train.rounds=1",
+              words=f"data.dir = '{tmp_path}' lacks")
+
+
+def test_corrupt_data_file(tmp_path):
+    src = data.locate_fashion_mnist("")
+    for name in data.FILES:
+        shutil.copy(data._find_file(src, name), tmp_path)
+    victim = tmp_path / "train-images-idx3-ubyte.gz"
+    victim.write_bytes(victim.read_bytes()[:100000])
+    run_fails(4, "--set", f'data.dir="{tmp_path}"', "--set", "train.rounds=1",
+              words=f"data file {victim} is truncated or corrupt")
+
+
+def test_too_many_clients_for_the_data():
+    run_fails(4, *sets(TINY + ["train.clients=500"]), words="train.clients = 500 exceeds the 240")
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nrounds = 'three'\n")
+    run_fails(4, str(bad), words="train.rounds")

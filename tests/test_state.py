@@ -1,0 +1,74 @@
+"""Split-server state modes, in-process: same z, same gradients, nothing left behind."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+import torch
+
+from mpi_sfl import models
+from mpi_sfl.state import GraphState, clean_stale, make_scratch, make_state, OWNER_FILE
+
+
+@pytest.mark.parametrize("grad_input", [True, False])
+def test_modes_agree_exactly_with_dropout(tmp_path, grad_input):
+    scratch = make_scratch(str(tmp_path), "t")
+    body = models.build("cnn", 0).body  # carries Dropout(0.25)
+    h = torch.randn(8, 16, 14, 14)
+    delta = torch.randn(8, 128)
+    results = {}
+    for mode in ("graph", "memory", "file"):
+        st = make_state(mode, body, grad_input, scratch, torch.device("cpu"))
+        z1 = st.forward((0, 0, 1), h, seed=123)
+        z2 = st.forward((0, 0, 2), h, seed=456)   # a second batch in flight
+        assert st.in_flight() == 2
+        grads, gh = st.backward((0, 0, 1), delta)
+        st.backward((0, 0, 2), delta)
+        assert st.in_flight() == 0
+        results[mode] = (z1, z2, grads, gh)
+    z1, z2, grads, gh = results["graph"]
+    assert not torch.equal(z1, z2)  # different seeds, different masks: the seed really matters
+    for mode in ("memory", "file"):
+        m1, m2, mg, mgh = results[mode]
+        assert torch.equal(z1, m1) and torch.equal(z2, m2)
+        assert all(torch.equal(a, b) for a, b in zip(grads, mg))
+        assert (gh is None and mgh is None) if not grad_input else torch.equal(gh, mgh)
+    assert sorted(os.listdir(scratch)) == [OWNER_FILE]  # every activation file was consumed
+
+
+def test_file_state_keeps_tensors_out_of_ram(tmp_path):
+    scratch = make_scratch(str(tmp_path), "t")
+    st = make_state("file", models.build("mlp", 0).body, True, scratch, torch.device("cpu"))
+    st.forward((0, 3, 7), torch.randn(4, 64), seed=1)
+    files = [f for f in os.listdir(scratch) if f != OWNER_FILE]
+    assert len(files) == 1 and len(files[0]) == 32 and int(files[0], 16) >= 0  # a uuid4 hex name
+    assert all(isinstance(v, str) for v in st._names.values())
+    st.close()
+    assert sorted(os.listdir(scratch)) == [OWNER_FILE]
+
+
+def test_scratch_is_private_and_stale_dirs_are_cleaned(tmp_path):
+    d = make_scratch(str(tmp_path), "job")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "mpi_sfl-old-1"
+    stale.mkdir()
+    (stale / "0123abcd").write_bytes(b"x" * 10)
+    import socket
+    (stale / OWNER_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")
+    assert clean_stale(tmp_path) == [stale]
+    assert not stale.exists() and d.exists()  # a live owner's dir is kept
+
+
+def test_graph_state_retains_graph_memory_does_not():
+    body = models.build("mlp", 0).body
+    g, m = GraphState(body, True), make_state("memory", body, True, None, torch.device("cpu"))
+    h = torch.randn(4, 64)
+    g.forward((0, 0, 0), h, 1)
+    m.forward((0, 0, 0), h, 1)
+    kept_g, kept_m = g._kept[(0, 0, 0)], m._kept[(0, 0, 0)]
+    assert kept_g[1].grad_fn is not None          # graph mode holds z with its graph
+    assert isinstance(kept_m[1], int) and kept_m[0].grad_fn is None  # memory mode: input + seed only
