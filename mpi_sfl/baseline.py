@@ -22,10 +22,6 @@ from .layout import pick_device, set_threads
 from .outputs import RunWriter, evaluate
 
 
-def uses_rng(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
-
-
 def run(cfg) -> dict:
     if cfg["train"]["clients"] == 0:
         raise UserError("train.clients = 0 means one per client rank, which a single process "
@@ -76,7 +72,7 @@ def run(cfg) -> dict:
 def _forward_part(part: nn.Module, x: torch.Tensor, sizes: list[int], clients: list[int],
                   seed: int, rnd: int, step: int, tag: int) -> torch.Tensor:
     """`part` on the concatenated batch, or per client chunk under the SFL seeds if it draws randoms."""
-    if not uses_rng(part):
+    if not models.uses_rng(part):
         return part(x)
     outs = []
     for chunk, cid in zip(torch.split(x, sizes), clients):

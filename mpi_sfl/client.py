@@ -87,11 +87,13 @@ def client_step(job: Job, active: list[LogicalClient], plan, train: data.Split, 
     """One synchronous step of this rank's active logical clients; returns sum of loss x batch."""
     seed = job.cfg["run"]["seed"]
     t, by_id = job.transport, {c.cid: c for c in active}
+    seed_encoder, seed_head = models.uses_rng(active[0].encoder), models.uses_rng(active[0].head)
     with job.timers.phase("client_compute"):
         for c in active:
             idx = torch.from_numpy(plan[c.cid][step])
             x, y = train.x[idx].to(job.device), train.y[idx].to(job.device)
-            torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 0))
+            if seed_encoder:
+                torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 0))
             with torch.set_grad_enabled(not frozen):
                 h = c.encoder(x)
             c.batch = {"h": h, "y": y, "b": len(idx)}
@@ -105,7 +107,8 @@ def client_step(job: Job, active: list[LogicalClient], plan, train: data.Split, 
             c = by_id[int(header[3])]
             with job.timers.phase("client_compute"):
                 z = z.clone().requires_grad_(True)
-                torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 2))
+                if seed_head:
+                    torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 2))
                 loss = F.cross_entropy(c.head(z), c.batch["y"])
                 loss.backward()
                 loss_sum += loss.item() * c.batch["b"]

@@ -66,6 +66,11 @@ def client_parts(model: Parts, split: str) -> list[nn.Module]:
     return [model.encoder, model.head] if split == "u" else [model.encoder]
 
 
+def uses_rng(module: nn.Module) -> bool:
+    """Whether a forward of `module` draws random numbers (dropout): only those are seeded per batch."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+
+
 def batch_seed(seed: int, rnd: int, step: int, client: int, part: int) -> int:
     """The RNG seed for one part's forward of one client's batch.
 

@@ -28,17 +28,18 @@ def sets(items) -> list[str]:
     return out
 
 
-def env() -> dict:
-    e = dict(os.environ, MPIEXEC_TIMEOUT="120", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    e.pop("SLURM_NTASKS", None)
+def env(**extra: str) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    e.update(MPIEXEC_TIMEOUT="120", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
     return e
 
 
-def mpirun(n: int, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`mpiexec -n n python -m mpi4py -m mpi_sfl args...`; a hang fails the test instead of CI."""
     cmd = ["timeout", "-k", "10", str(timeout), MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py",
            "-m", "mpi_sfl", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout + 20)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(**(extra_env or {})), cwd=REPO,
+                          timeout=timeout + 20)
 
 
 def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:

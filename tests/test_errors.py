@@ -8,9 +8,9 @@ from conftest import TINY, mpirun, sets
 from mpi_sfl import data
 
 
-def run_fails(ranks: int, *args: str, words: str):
+def run_fails(ranks: int, *args: str, words: str, extra_env: dict | None = None):
     t0 = time.monotonic()
-    proc = mpirun(ranks, "train", *args, timeout=60)
+    proc = mpirun(ranks, "train", *args, timeout=60, extra_env=extra_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert words in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
@@ -50,3 +50,9 @@ def test_bad_config_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nrounds = 'three'\n")
     run_fails(4, str(bad), words="train.rounds")
+
+
+def test_srun_singletons_are_refused():
+    """What srun without PMI looks like from inside: Slurm says 3 tasks, MPI sees another size."""
+    run_fails(4, *sets(TINY), words="MPI sees 4 rank(s) but Slurm started 3 tasks",
+              extra_env={"SLURM_NTASKS": "3", "SLURM_PROCID": "0"})
