@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.aggregation": ("centralized", "decentralized"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "bar", "lines", "none"),
+    "run.wait": ("auto", "spin", "poll"),
 }
 POSITIVE = ("train.rounds", "train.batch_size", "train.lr", "sfl.servers", "data.shards_per_client")
 NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum",

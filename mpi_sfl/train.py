@@ -16,7 +16,7 @@ from .errors import fail_together
 from .job import Job, make_comms
 from .layout import CLIENT, FED, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
 from .state import make_scratch
-from .transport import polite_wait
+from .transport import polite_wait, set_wait_mode
 
 
 def main(cfg_path: str | None, overrides: list[str]) -> None:
@@ -31,6 +31,7 @@ def main(cfg_path: str | None, overrides: list[str]) -> None:
         return cfg, layout
 
     cfg, layout = fail_together(comm, setup)
+    set_wait_mode(cfg["run"]["wait"], local_size > len(os.sched_getaffinity(0)))
     role = layout.role(comm.rank)
     # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache.
     fail_together(comm, lambda: data.locate_fashion_mnist(cfg["data"]["dir"])

@@ -5,9 +5,10 @@ The header says what follows (kind, round, step, logical client, dtype, shape), 
 take whichever peer is ready and reuse a preallocated buffer of the right shape. Device tensors are
 staged through host memory because the PyPI MPI wheels are not CUDA-aware.
 
-Waits poll with a short sleep instead of blocking in MPI: MPICH and Open MPI spin a full core in a
-blocking call, and with more ranks than cores (or a fed server that mostly waits) spinning ranks
-steal the CPU the working ranks need.
+Waits for a peer (a header, a send to complete) block in MPI when every rank has a core of its own,
+and otherwise poll with a short sleep: MPICH and Open MPI spin a full core in a blocking call, and
+with more ranks than cores spinning ranks steal the CPU the working ranks need (run.wait).
+A payload is received with a plain blocking Recv: it is already on its way behind its header.
 """
 from __future__ import annotations
 
@@ -29,15 +30,30 @@ DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 NUMPY_VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bits as int16
 
 
+_poll = True  # set by set_wait_mode at start-up
+
+
+def set_wait_mode(mode: str, oversubscribed: bool) -> None:
+    """run.wait: "spin" blocks in MPI (lowest latency), "poll" sleeps between tests, "auto" polls
+    only when this node has more ranks than cores."""
+    global _poll
+    _poll = mode == "poll" or (mode == "auto" and oversubscribed)
+
+
 def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
                 status: MPI.Status | None = None) -> int:
-    """Wait for all of `reqs` (or, with any_=True, one: its index) without spinning a core.
+    """Wait for all of `reqs` (or, with any_=True, one: its index); returns that index or -1.
 
-    Polls with MPI Test and sleeps 10 us doubling to 200 us: a woken rank sees its message within
-    about 0.2 ms, and an idle rank uses a few percent of a core instead of all of it.
+    In poll mode, tests and sleeps 10 us doubling to 200 us: a woken rank sees its message within
+    about 0.2 ms, and a waiting rank uses a few percent of a core instead of all of it.
     """
     if isinstance(reqs, MPI.Request):
         reqs, any_ = [reqs], True
+    if not _poll:
+        if any_:
+            return MPI.Request.Waitany(reqs, status)
+        MPI.Request.Waitall(reqs)
+        return -1
     delay = 1e-5
     while True:
         if any_:
@@ -109,8 +125,9 @@ class Transport:
         buf = self._pool.get(key)
         if buf is None:
             buf = self._pool[key] = torch.empty(shape, dtype=dtype)
-        req = self.comm.Irecv(as_buffer(buf), source, tag=2 * kind + 1)
-        self.wait(req)
+        t0 = MPI.Wtime()
+        self.comm.Recv(as_buffer(buf), source, tag=2 * kind + 1)
+        self.timers.add("p2p_wait", MPI.Wtime() - t0)
         return buf if self.device.type == "cpu" else buf.to(self.device)
 
     def recv(self, source: int, kind: int) -> tuple[np.ndarray, torch.Tensor]:
