@@ -19,8 +19,9 @@ from .state import make_scratch
 from .transport import polite_wait, set_wait_mode
 
 
-def main(cfg_path: str | None, overrides: list[str]) -> None:
-    comm = MPI.COMM_WORLD
+def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = None) -> None:
+    """Train on `comm` (default COMM_WORLD; a sub-communicator runs several jobs in one launch)."""
+    comm = comm or MPI.COMM_WORLD
     local, local_size = local_rank(comm)
 
     def setup():
