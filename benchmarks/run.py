@@ -99,7 +99,7 @@ AGG = {
     "quick": {"params": [100_000, 1_000_000, 4_000_000], "reps": 3, "ranks": 4},
     "tiny": {"params": [100_000, 1_000_000], "reps": 2, "ranks": 4},
 }
-AGG_VARIANTS = ("flat", "flat_blocking", "per_tensor", "per_tensor_blocking", "pickle")
+AGG_VARIANTS = ("flat", "flat_blocking", "flat_buckets", "per_tensor", "per_tensor_blocking", "pickle")
 
 
 def suite_aggregate(level: str, work: Path, args) -> dict:
@@ -117,6 +117,7 @@ def suite_aggregate(level: str, work: Path, args) -> dict:
         row["flat_vs_per_tensor"] = best_per_tensor / med["flat"]
         row["flat_vs_pickle"] = med["pickle"] / med["flat"]
         row["flat_vs_flat_blocking"] = med["flat_blocking"] / med["flat"]
+        row["flat_vs_flat_buckets"] = med["flat_buckets"] / med["flat"]
         row["max_abs_error"] = max(r["max_abs_error"].values())
         rows.append(row)
     largest = [r for r in rows if r["params"] == max(x["params"] for x in rows)]
@@ -126,18 +127,22 @@ def suite_aggregate(level: str, work: Path, args) -> dict:
         "largest_params": largest[0]["params"],
         "flat_ms_largest_centralized": next(r["flat_ms"] for r in largest if r["mode"] == "centralized"),
         "flat_ms_largest_decentralized": next(r["flat_ms"] for r in largest if r["mode"] == "decentralized"),
+        "buckets_vs_flat_largest": min(r["flat_ms"] / r["flat_buckets_ms"] for r in largest),
     }
     notes = [f"{s['ranks']} ranks: centralized = rank 0 fed server + {s['ranks'] - 1} clients "
              f"(Ireduce + Ibcast); decentralized = {s['ranks']} clients (Iallreduce).",
              "flat = mpi_sfl Aggregator; per_tensor = one nonblocking collective per tensor (posted "
              "together, one polite wait); per_tensor_blocking = blocking collectives one by one; "
-             "pickle = lowercase reduce+bcast / allreduce of the tensor list. Time = slowest rank, median.",
+             "pickle = lowercase reduce+bcast / allreduce of the tensor list; flat_blocking and "
+             "flat_buckets (the flat buffer as 8 MiB slices, posted together) are for reference. "
+             "Tensor lists are ResNet-like (3 tensors per conv; 62 tensors at 10M params, 161 at 50M). "
+             "Time = slowest rank, median.",
              "flat_vs_per_tensor uses the faster of the two per-tensor variants; summary figures are the "
              "lower of the two modes at the largest model.",
              "max_abs_error: every variant's result against the exact average (float32)."]
     if s["ranks"] > cores():
         notes.append(f"{s['ranks']} ranks on {cores()} cores: oversubscribed; blocking variants spin.")
-    text = table(rows, ["mode", "params", "tensors", "flat_ms", "flat_blocking_ms", "per_tensor_ms",
+    text = table(rows, ["mode", "params", "tensors", "flat_ms", "flat_blocking_ms", "flat_buckets_ms", "per_tensor_ms",
                         "per_tensor_blocking_ms", "pickle_ms", "flat_vs_per_tensor", "flat_vs_pickle"],
                  "aggregate: client-side FedAvg, medians")
     return {"settings": s, "results": rows, "summary": summary, "notes": notes, "text": text}
@@ -212,6 +217,10 @@ def suite_throughput(level: str, work: Path, args) -> dict:
     if ranks > cores():
         notes.append(f"{ranks} processes on {cores()} cores: SFL and DDP are oversubscribed; the "
                      "baseline is not.")
+    if by["baseline"] < 0.5 * by["baseline_1t"]:
+        notes.append(f"The {cores()}-thread baseline ran {by['baseline_1t'] / by['baseline']:.0f}x slower than "
+                     "the 1-thread one: multi-threaded torch collapses when other processes load the cores "
+                     "(see machine.load_avg_1m).")
     text = table(rows, ["variant", "what", "processes", "batch_per_step", "samples_per_s", "vs_baseline"],
                  "throughput: training samples/s")
     return {"settings": s, "results": rows, "summary": summary, "notes": notes, "text": text}
