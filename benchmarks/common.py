@@ -49,9 +49,10 @@ def child_env(limit: float) -> dict:
 
 
 def _run(cmd: list[str], limit: float) -> subprocess.CompletedProcess:
-    full = ["timeout", "-k", "10", str(int(limit))] + cmd
+    # mpiexec ends the job itself at MPIEXEC_TIMEOUT = limit; `timeout` is the backstop after it.
+    full = ["timeout", "-k", "10", str(int(limit) + 15)] + cmd
     proc = subprocess.run(full, capture_output=True, text=True, env=child_env(limit), cwd=REPO,
-                          timeout=limit + 30)
+                          timeout=limit + 45)
     if proc.returncode != 0:
         raise BenchError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
                          f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
