@@ -118,8 +118,10 @@ def machine() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=REPO, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=REPO, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        commit, dirty = "", None
     return {
         "hostname": socket.gethostname(),
         "cores": cores(),
@@ -135,6 +137,7 @@ def machine() -> dict:
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
         "mpiexec": MPIEXEC,
         "git_commit": commit,
+        "git_dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
