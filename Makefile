@@ -31,5 +31,9 @@ baseline: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Every benchmark suite, quick settings (drop --quick for the real measurement): runs/bench/*.json
+bench: setup
+	$(BIN)/python benchmarks/run.py all --quick $(ARGS)
+
 clean:
 	rm -rf runs .pytest_cache

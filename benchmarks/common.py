@@ -1,0 +1,222 @@
+"""Shared plumbing for the benchmark suites: launching jobs with hard limits, machine facts, tables.
+
+Every launch is bounded twice (MPIEXEC_TIMEOUT for the launcher, `timeout -k 10` around it), runs
+with this checkout first on PYTHONPATH (so the worktree's mpi_sfl is measured, not an installed
+one), and is run one at a time.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+_BIN = Path(PY).parent
+MPIEXEC = str(_BIN / "mpiexec") if (_BIN / "mpiexec").exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+class BenchError(RuntimeError):
+    """A launched job failed; carries its command and output tail."""
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def child_env(limit: float) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                       if p and Path(p).resolve() != REPO])
+    env["MPIEXEC_TIMEOUT"] = str(int(limit))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for k in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd: list[str], limit: float) -> subprocess.CompletedProcess:
+    # mpiexec ends the job itself at MPIEXEC_TIMEOUT = limit; `timeout` is the backstop after it.
+    full = ["timeout", "-k", "10", str(int(limit) + 15)] + cmd
+    proc = subprocess.run(full, capture_output=True, text=True, env=child_env(limit), cwd=REPO,
+                          timeout=limit + 45)
+    if proc.returncode != 0:
+        raise BenchError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                         f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def mpi(n: int, argv: list[str], limit: float = 240) -> subprocess.CompletedProcess:
+    """`mpiexec -n n python -m mpi4py ARGV...` (a script path, or -m module ...)."""
+    return _run([MPIEXEC, "-n", str(n), PY, "-m", "mpi4py", *argv], limit)
+
+
+def overrides(settings: dict) -> list[str]:
+    """{'train.rounds': 2, 'data.dataset': 'synthetic'} -> ['train.rounds=2', 'data.dataset="synthetic"']."""
+    def toml(v):
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+    return [f"{k}={toml(v)}" for k, v in settings.items()]
+
+
+def sets(settings: dict) -> list[str]:
+    """The same as --set arguments."""
+    return [a for o in overrides(settings) for a in ("--set", o)]
+
+
+def train(ranks: int, settings: dict, out_dir: Path, limit: float = 240) -> dict:
+    """One SFL training job; returns {'summary': ..., 'metrics': [rows]} from its outputs."""
+    settings = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
+    mpi(ranks, ["-m", "mpi_sfl", "train", *sets(settings)], limit)
+    return read_run(out_dir)
+
+
+def train_grouped(ranks: int, jobs: list[tuple[dict, Path]], limit: float = 300) -> list[dict]:
+    """Independent SFL jobs of `ranks` ranks each, side by side in one launch (_group_train.py).
+    Only for figures that concurrency does not change (per-process peak memory), never timings."""
+    argv = [str(HERE / "_group_train.py"), "--ranks", str(ranks)]
+    for settings, out_dir in jobs:
+        full = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
+        if any(";" in o for o in overrides(full)):
+            raise ValueError("';' in a grouped job's settings")
+        argv += ["--job", ";".join(overrides(full))]
+    mpi(ranks * len(jobs), argv, limit)
+    return [read_run(out_dir) for _, out_dir in jobs]
+
+
+def baseline(settings: dict, out_dir: Path, limit: float = 240) -> dict:
+    """The single-process unsplit reference on the same config."""
+    settings = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
+    _run([PY, "-m", "mpi_sfl", "baseline", *sets(settings)], limit)
+    return read_run(out_dir)
+
+
+def read_run(out_dir: Path) -> dict:
+    metrics = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {"summary": json.loads((out_dir / "summary.json").read_text()), "metrics": metrics}
+
+
+def machine() -> dict:
+    """Where and with what the numbers were taken."""
+    import mpi4py
+    import numpy
+    import torch
+    mpi4py.rc.initialize = False  # only ask the library its version; run.py itself is not an MPI rank
+    from mpi4py import MPI
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=REPO, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", None
+    return {
+        "hostname": socket.gethostname(),
+        "cores": cores(),
+        "cpu": _cpu_model(),
+        "memory_gb": _mem_gb(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "numpy": numpy.__version__,
+        "mpi4py": mpi4py.__version__,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpiexec": MPIEXEC,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _mem_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+# -- statistics and formatting -------------------------------------------------------------------
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def mean_std(xs) -> tuple[float, float]:
+    xs = list(xs)
+    return float(statistics.fmean(xs)), (float(statistics.stdev(xs)) if len(xs) > 1 else 0.0)
+
+
+def slope(xs, ys) -> float:
+    """Least-squares slope of ys on xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
+
+
+def fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1e5:
+            return f"{v:.3g}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def table(rows: list[dict], columns: list[str] | None = None, title: str = "") -> str:
+    """A plain aligned text table of `rows` (dicts) over `columns`."""
+    if not rows:
+        return f"{title}\n(no rows)\n" if title else "(no rows)\n"
+    columns = columns or list(rows[0])
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.rjust(w) for c, w in zip(columns, width)))
+    lines.append("  ".join("-" * w for w in width))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, width)) for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,71 @@
+"""The benchmark driver runs every suite end to end (at --tiny sizes) and reports every figure.
+
+Timings are not asserted — they depend on the machine and its load — only that each suite writes
+its JSON with the machine description, result rows, and every named summary field finite and > 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "benchmarks" / "run.py"
+
+FIELDS = {
+    "wire": ["wire_vs_raw_min_1mib", "wire_vs_pickle_1mib"],
+    "aggregate": ["flat_vs_per_tensor", "flat_vs_pickle"],
+    "throughput": ["sfl_vs_baseline_file", "sfl_vs_baseline_memory", "sfl_vs_baseline_graph", "sfl_vs_ddp"],
+    "memory": ["growth_file", "growth_memory", "growth_graph", "mb_per_inflight_batch_graph"],
+    "scaling": ["strong_efficiency", "weak_efficiency", "max_ranks"],
+    "model": ["t_client_us_per_sample", "t_server_us_per_sample_file", "link_latency_us", "link_GBps",
+              "check_median_abs_error", "projected_speedup_1024_s1", "projected_speedup_1024_s64"],
+}
+MACHINE = ("hostname", "cores", "python", "torch", "mpi4py", "mpi_library", "date")
+
+
+def bench(suite: str, out: Path, *extra: str, timeout: float = 240) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(RUN), suite, "--tiny", "--out", str(out), *extra],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert "summary:" in proc.stdout  # the readable table and summary were printed
+    return json.loads(out.read_text())
+
+
+def check_doc(doc: dict, suite: str) -> None:
+    assert doc["suite"] == suite and doc["level"] == "tiny"
+    for key in MACHINE:
+        assert doc["machine"].get(key), f"machine.{key} missing"
+    assert doc["results"], "no result rows"
+    for name in FIELDS[suite]:
+        v = doc["summary"].get(name)
+        assert isinstance(v, (int, float)) and not isinstance(v, bool), f"{name} = {v!r}"
+        assert math.isfinite(v) and v > 0, f"{name} = {v}"
+
+
+@pytest.mark.parametrize("suite", ["wire", "aggregate", "throughput", "memory"])
+def test_suite(suite, tmp_path):
+    doc = bench(suite, tmp_path / f"{suite}.json")
+    check_doc(doc, suite)
+    if suite == "aggregate":  # every variant computed the right average
+        assert all(r["max_abs_error"] < 1e-4 for r in doc["results"])
+
+
+def test_scaling_then_model(tmp_path):
+    """Scaling writes its plot; the cost model checks itself against that scaling run."""
+    scaling = bench("scaling", tmp_path / "scaling.json")
+    check_doc(scaling, "scaling")
+    png = Path(scaling["plot"])
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kinds = {(r["kind"], r["client_ranks"]) for r in scaling["results"]}
+    assert kinds == {("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)}
+    model = bench("model", tmp_path / "model.json", "--scaling", str(tmp_path / "scaling.json"))
+    check_doc(model, "model")
+    assert len(model["results"]["check"]) == len(scaling["results"])
+    assert {r["clients"] for r in model["results"]["projection"]} == {2 ** i for i in range(11)}
