@@ -3,7 +3,9 @@
     mpiexec -n 2 python -m mpi4py benchmarks/_wire.py --sizes 4096,1048576 --reps 5 --out wire.json
 
 - transport: mpi_sfl's Transport as training uses it: isend(header + payload) + wait_sends on the
-  sender, recv (header, then the payload into a pooled buffer) on the receiver;
+  sender, recv (header, then the payload into a pooled buffer) on the receiver, with the wait mode
+  training picks for this layout (run.wait = auto: block in MPI when each rank has a core);
+- transport_poll: the same with run.wait = poll (what training uses when ranks outnumber cores);
 - raw:       mpi4py uppercase Send/Recv of the same bytes from a numpy buffer (no header);
 - pickle:    mpi4py lowercase send/recv of the same torch tensor (pickled, FedML style).
 For every size and repetition the three variants run back to back in a rotating order; each
@@ -16,13 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 
+import os
+
+import mpi_sfl  # noqa: F401  (before torch allocates: mpi_sfl turns on THP for torch tensors)
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpi_sfl import transport as tr
 from mpi_sfl.transport import ACT, OUT, Transport
 
-VARIANTS = ("transport", "raw", "pickle")
+VARIANTS = ("transport", "transport_poll", "raw", "pickle")
 
 
 def main() -> None:
@@ -46,7 +52,11 @@ def main() -> None:
         raw_send = x.numpy().copy()
         raw_recv = np.empty_like(raw_send)
 
-        def transport_rt():
+        node_ranks = comm.Split_type(MPI.COMM_TYPE_SHARED).size
+        auto_poll = node_ranks > len(os.sched_getaffinity(0))
+
+        def transport_rt(poll: bool | None = None):
+            tr.set_wait_mode("poll" if poll else "auto", auto_poll)
             if rank == 0:
                 t.isend(x, peer, ACT, 0, 0, 0)
                 t.wait_sends()
@@ -72,7 +82,8 @@ def main() -> None:
                 y = comm.recv(source=peer, tag=9)
                 comm.send(y, peer, tag=10)
 
-        fns = {"transport": transport_rt, "raw": raw_rt, "pickle": pickle_rt}
+        fns = {"transport": transport_rt, "transport_poll": lambda: transport_rt(poll=True),
+               "raw": raw_rt, "pickle": pickle_rt}
         # Iterations per measurement, per variant, from one timed round trip each (rank 0 decides).
         for fn in fns.values():
             fn()  # warm-up: pools, connections, page faults
@@ -85,7 +96,8 @@ def main() -> None:
         iters = comm.bcast(guess, root=0)
         samples = {v: [] for v in VARIANTS}
         for rep in range(args.reps):
-            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            k = rep % len(VARIANTS)
+            order = VARIANTS[k:] + VARIANTS[:k]
             for v in order:
                 fns[v]()  # one untimed round trip right before, so neither side starts cold
                 comm.Barrier()
@@ -94,6 +106,7 @@ def main() -> None:
                     fns[v]()
                 samples[v].append((MPI.Wtime() - t0) / iters[v])
         # Correctness: the transport round trip returns the same bytes.
+        tr.set_wait_mode("auto", auto_poll)
         if rank == 0:
             t.isend(x, peer, ACT, 0, 0, 0)
             t.wait_sends()
