@@ -2,9 +2,8 @@
 
     mpiexec -n G*R python -m mpi4py benchmarks/_group_train.py --ranks R --job 'k=v;k=v' --job ...
 
-COMM_WORLD is split into G groups of R consecutive ranks; group g runs mpi_sfl.train.main with the
-g-th job's --set overrides, its communicator standing in for COMM_WORLD (mpi_sfl takes its world
-from MPI.COMM_WORLD). The jobs share the cores, so their timings mean nothing; their per-process
+COMM_WORLD is split into G groups of R consecutive ranks; group g runs mpi_sfl.train.main on its
+own communicator with the g-th job's --set overrides. The jobs share the cores, so their timings mean nothing; their per-process
 peak RSS is theirs alone. It saves the per-launch start-up (a torch import per rank) that would
 otherwise dominate the memory suite's quick mode.
 """
@@ -25,10 +24,8 @@ def main() -> None:
         raise SystemExit(f"need {args.ranks} x {len(args.job)} ranks, got {world.size}")
     g = world.rank // args.ranks
     sub = world.Split(g, world.rank)
-    MPI.COMM_WORLD = sub  # mpi_sfl looks its world up here at call time
     from mpi_sfl import train
-    train.main(None, [s for s in args.job[g].split(";") if s])
-    MPI.COMM_WORLD = world
+    train.main(None, [s for s in args.job[g].split(";") if s], comm=sub)
     world.Barrier()
 
 

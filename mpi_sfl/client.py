@@ -24,7 +24,7 @@ from . import data, models
 from .aggregation import Aggregator, flatten_params, host
 from .job import WEIGHTS_TAG, Job
 from .layout import CLIENT
-from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox
 
 
 @dataclass
@@ -100,25 +100,26 @@ def client_step(job: Job, active: list[LogicalClient], plan, train: data.Split, 
             t.isend(h, server, ACT, rnd, step, c.cid)
             if split != "u":
                 t.isend(y, server, LABELS, rnd, step, c.cid)
+    # Whatever the server sends back first: z (U-shape: run the head, send dl/dz) or dl/dh (finish
+    # the encoder). Taking dl/dh as soon as it comes lets the server release its send buffer.
+    u_shape = split == "u"
+    inbox = Inbox(t, {(server, OUT): len(active) if u_shape else 0, (server, GRAD_IN): 0 if frozen else len(active)})
     loss_sum = 0.0
-    if split == "u":
-        for _ in active:
-            header, z = t.recv(server, OUT)
-            c = by_id[int(header[3])]
-            with job.timers.phase("client_compute"):
-                z = z.clone().requires_grad_(True)
-                if seed_head:
-                    torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 2))
-                loss = F.cross_entropy(c.head(z), c.batch["y"])
-                loss.backward()
-                loss_sum += loss.item() * c.batch["b"]
-            t.isend(z.grad, server, DELTA, rnd, step, c.cid)
-    if not frozen:
-        for _ in active:
-            header, grad_h = t.recv(server, GRAD_IN)
-            c = by_id[int(header[3])]
-            with job.timers.phase("client_compute"):
-                c.batch["h"].backward(grad_h)
+    while inbox:
+        _, kind, header = inbox.next()
+        payload = t.recv_payload(header, server)
+        c = by_id[int(header[3])]
+        with job.timers.phase("client_compute"):
+            if kind == GRAD_IN:
+                c.batch["h"].backward(payload)
+                continue
+            z = payload.clone().requires_grad_(True)
+            if seed_head:
+                torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 2))
+            loss = F.cross_entropy(c.head(z), c.batch["y"])
+            loss.backward()
+            loss_sum += loss.item() * c.batch["b"]
+        t.isend(z.grad, server, DELTA, rnd, step, c.cid)
     t.wait_sends()
     with job.timers.phase("client_compute"):
         for c in active:

@@ -19,7 +19,7 @@ from .aggregation import attach_flat_grads, host
 from .job import WEIGHTS_TAG, Job
 from .layout import SERVER
 from .state import make_state
-from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, polite_wait
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, polite_wait
 
 
 def run(job: Job) -> None:
@@ -61,34 +61,6 @@ def run(job: Job) -> None:
             shutil.rmtree(job.scratch, ignore_errors=True)
 
 
-def _post_all(job: Job, expected: dict[int, list[int]], kinds: tuple[int, ...]):
-    """One pending header receive per (client rank, kind) that still has messages to come."""
-    reqs, meta, left = [], [], {}
-    for src, clients in expected.items():
-        for kind in kinds:
-            if clients:
-                left[(src, kind)] = len(clients)
-                req, header = job.transport.irecv_header(src, kind)
-                reqs.append(req)
-                meta.append((src, kind, header))
-    return reqs, meta, left
-
-
-def _next(job: Job, reqs, meta, left):
-    """Wait for whichever pending header completes; re-arm that (source, kind) if more are due."""
-    t0 = MPI.Wtime()
-    idx = polite_wait(reqs, any_=True)
-    job.timers.add("p2p_wait", MPI.Wtime() - t0)
-    src, kind, header = meta[idx]
-    left[(src, kind)] -= 1
-    if left[(src, kind)]:
-        reqs[idx], new_header = job.transport.irecv_header(src, kind)
-        meta[idx] = (src, kind, new_header)
-    else:
-        reqs[idx] = MPI.REQUEST_NULL
-    return src, kind, header
-
-
 def serve_u_step(job: Job, state, expected, rnd: int, step: int, gflat: torch.Tensor, grad_input: bool) -> None:
     """U-shape: forward each activation as it arrives; backward the deltas in client order.
 
@@ -97,12 +69,12 @@ def serve_u_step(job: Job, state, expected, rnd: int, step: int, gflat: torch.Te
     same seed, same config, bit-identical results, whatever the arrival order.
     """
     seed = job.cfg["run"]["seed"]
-    reqs, meta, left = _post_all(job, expected, (ACT, DELTA))
+    inbox = Inbox(job.transport, {(src, kind): len(cs) for src, cs in expected.items() for kind in (ACT, DELTA)})
     order = sorted(c for cs in expected.values() for c in cs)
     waiting: dict[int, tuple[int, torch.Tensor]] = {}
     count = 0.0
-    for _ in range(2 * len(order)):
-        src, kind, header = _next(job, reqs, meta, left)
+    while inbox:
+        src, kind, header = inbox.next()
         payload = job.transport.recv_payload(header, src)
         client = int(header[3])
         if kind == ACT:
@@ -129,12 +101,12 @@ def serve_label_step(job: Job, body, params, expected, rnd: int, step: int, gfla
     """Label-sharing: activation and labels arrive together; forward, loss and backward, in client
     order (see serve_u_step) so that runs are bit-reproducible."""
     seed = job.cfg["run"]["seed"]
-    reqs, meta, left = _post_all(job, expected, (ACT,))
+    inbox = Inbox(job.transport, {(src, ACT): len(cs) for src, cs in expected.items()})
     order = sorted(c for cs in expected.values() for c in cs)
     waiting: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
     count = loss_sum = 0.0
-    for _ in range(len(order)):
-        src, _, header = _next(job, reqs, meta, left)
+    while inbox:
+        src, _, header = inbox.next()
         h = job.transport.recv_payload(header, src).clone()
         _, y = job.transport.recv(src, LABELS)
         waiting[int(header[3])] = (src, h, y.clone())

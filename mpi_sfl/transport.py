@@ -85,7 +85,8 @@ class Transport:
 
     # -- sending -----------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor, dest: int, kind: int, rnd: int, step: int, client: int) -> None:
-        """Start sending `tensor`; it is kept alive until `wait_sends`. The caller must not modify it."""
+        """Start sending `tensor`; it is kept alive until the send completes. Do not modify it."""
+        self.reap()
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")  # host staging; the copy synchronizes with the producing stream
@@ -99,6 +100,12 @@ class Transport:
         reqs = [self.comm.Isend(header, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
         self.bytes_sent += header.nbytes + payload.nbytes
         self._sending.append((reqs, header, payload))
+
+    def reap(self) -> None:
+        """Release the buffers of sends that have completed, so a server's memory does not grow
+        with the batches of a step whose results were already delivered."""
+        if self._sending:
+            self._sending = [s for s in self._sending if not MPI.Request.Testall(s[0])]
 
     def wait_sends(self) -> None:
         """Complete every outstanding send and release its buffers."""
@@ -142,3 +149,38 @@ class Transport:
         t0 = MPI.Wtime()
         polite_wait(req, status=status)
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
+
+
+class Inbox:
+    """The header receives a rank still expects, one pending per (source, kind).
+
+    `next()` returns whichever header arrives first, so a rank serves ready peers in any order,
+    and re-arms that (source, kind) while more messages of it are due.
+    """
+
+    def __init__(self, transport: Transport, due: dict[tuple[int, int], int]):
+        self.t = transport
+        self.left = {key: n for key, n in due.items() if n > 0}
+        self.reqs: list[MPI.Request] = []
+        self.meta: list[tuple[int, int, np.ndarray]] = []
+        for src, kind in self.left:
+            req, header = transport.irecv_header(src, kind)
+            self.reqs.append(req)
+            self.meta.append((src, kind, header))
+
+    def __len__(self) -> int:
+        return sum(self.left.values())
+
+    def next(self) -> tuple[int, int, np.ndarray]:
+        """(source, kind, header) of the next message; receive its payload with recv_payload."""
+        t0 = MPI.Wtime()
+        idx = polite_wait(self.reqs, any_=True)
+        self.t.timers.add("p2p_wait", MPI.Wtime() - t0)
+        src, kind, header = self.meta[idx]
+        self.left[(src, kind)] -= 1
+        if self.left[(src, kind)]:
+            self.reqs[idx], new_header = self.t.irecv_header(src, kind)
+            self.meta[idx] = (src, kind, new_header)
+        else:
+            self.reqs[idx] = MPI.REQUEST_NULL
+        return src, kind, header
