@@ -8,11 +8,10 @@ Designs (all ranks of COMM_WORLD take part):
 - decentralized: every rank is a client: Allreduce(SUM), divide locally.
 Variants:
 - flat:                mpi_sfl's Aggregator on one flat float32 buffer [sum n_i W_i, sum n_i]
-                       (P + 1 floats; nonblocking collectives completed by polite_wait);
-- flat_blocking:       the same flat buffer with blocking uppercase Reduce/Bcast/Allreduce (for
-                       reference: what polite waiting costs);
-- flat_buckets:        the same flat buffer as 8 MiB slices, one nonblocking collective per slice,
-                       all posted at once (for reference: what bucketing would give large models);
+                       (P + 1 floats, as 8 MiB slices: one nonblocking collective each, posted
+                       together, completed by polite_wait);
+- flat_blocking:       the whole flat buffer in one blocking uppercase Reduce/Bcast/Allreduce (for
+                       reference: what slicing and polite waiting change);
 - per_tensor:          one uppercase nonblocking collective per tensor of a ResNet-like layer
                        list (plus one for the count), all posted at once, one polite_wait per phase;
 - per_tensor_blocking: one blocking uppercase collective per tensor, one after another;
@@ -35,8 +34,7 @@ from mpi_sfl.aggregation import Aggregator
 from mpi_sfl.timing import Timers
 from mpi_sfl.transport import polite_wait
 
-VARIANTS = ("flat", "flat_blocking", "flat_buckets", "per_tensor", "per_tensor_blocking", "pickle")
-BUCKET_BYTES = 8 * 2**20
+VARIANTS = ("flat", "flat_blocking", "per_tensor", "per_tensor_blocking", "pickle")
 
 
 def layer_shapes(params: int) -> list[tuple[int, ...]]:
@@ -125,25 +123,6 @@ def run_mode(mode: str, world: MPI.Comm, shapes, reps: int) -> dict:
             comm.Allreduce(MPI.IN_PLACE, data, op=MPI.SUM)
             data[:-1] /= data[-1]
 
-    def flat_buckets_fn():
-        step = BUCKET_BYTES // 4
-        if root:
-            root_buf[:] = 0
-            data = root_buf
-        else:
-            data = flat.numpy()
-        chunks = [data[i:i + step] for i in range(0, len(data), step)]
-        if mode == "centralized":
-            if root:
-                polite_wait([comm.Ireduce(MPI.IN_PLACE, c, op=MPI.SUM, root=0) for c in chunks])
-                data[:-1] /= data[-1]
-            else:
-                polite_wait([comm.Ireduce(c, None, op=MPI.SUM, root=0) for c in chunks])
-            polite_wait([comm.Ibcast(c, root=0) for c in chunks])
-        else:
-            polite_wait([comm.Iallreduce(MPI.IN_PLACE, c, op=MPI.SUM) for c in chunks])
-            data[:-1] /= data[-1]
-
     def per_tensor_blocking_fn():
         if mode == "centralized":
             for a in nps:
@@ -197,7 +176,7 @@ def run_mode(mode: str, world: MPI.Comm, shapes, reps: int) -> dict:
         result["pickle"] = out
 
     def check(v):
-        if v in ("flat", "flat_blocking", "flat_buckets"):
+        if v in ("flat", "flat_blocking"):
             got = torch.from_numpy(root_buf[:-1]) if root else flat[:-1]
         elif v in ("per_tensor", "per_tensor_blocking"):
             got = torch.cat([t.reshape(-1) for t in tensors[:-1]])
@@ -205,9 +184,9 @@ def run_mode(mode: str, world: MPI.Comm, shapes, reps: int) -> dict:
             got = torch.cat([t.reshape(-1) for t in result.pop("pickle")[:-1]])
         return float((got - mine * avg_factor).abs().max())
 
-    fns = {"flat": flat_fn, "flat_blocking": flat_blocking_fn, "flat_buckets": flat_buckets_fn, "per_tensor": per_tensor_fn,
+    fns = {"flat": flat_fn, "flat_blocking": flat_blocking_fn, "per_tensor": per_tensor_fn,
            "per_tensor_blocking": per_tensor_blocking_fn, "pickle": pickle_fn}
-    fills = {"flat": fill_flat, "flat_blocking": fill_flat, "flat_buckets": fill_flat, "per_tensor": fill_list,
+    fills = {"flat": fill_flat, "flat_blocking": fill_flat, "per_tensor": fill_list,
              "per_tensor_blocking": fill_list, "pickle": fill_list}
     seconds = {v: [] for v in VARIANTS}
     errors = {v: 0.0 for v in VARIANTS}

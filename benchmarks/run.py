@@ -102,7 +102,7 @@ AGG = {
     "quick": {"params": [100_000, 1_000_000, 4_000_000], "reps": 3, "ranks": 4},
     "tiny": {"params": [100_000, 1_000_000], "reps": 2, "ranks": 4},
 }
-AGG_VARIANTS = ("flat", "flat_blocking", "flat_buckets", "per_tensor", "per_tensor_blocking", "pickle")
+AGG_VARIANTS = ("flat", "flat_blocking", "per_tensor", "per_tensor_blocking", "pickle")
 
 
 def suite_aggregate(level: str, work: Path, args) -> dict:
@@ -116,37 +116,41 @@ def suite_aggregate(level: str, work: Path, args) -> dict:
         row = {"mode": r["mode"], "params": r["params"], "tensors": r["tensors"], "ranks": r["ranks"],
                "MB": (r["params"] + 1) * 4 / 1e6}
         row.update({f"{v}_ms": med[v] * 1e3 for v in AGG_VARIANTS})
-        best_per_tensor = min(med["per_tensor"], med["per_tensor_blocking"])
-        row["flat_vs_per_tensor"] = best_per_tensor / med["flat"]
+        # like against like: the same waiting (polite nonblocking, as training uses it) ...
+        row["flat_vs_per_tensor"] = med["per_tensor"] / med["flat"]
+        # ... and both blocking (spinning), for reference
+        row["blocking_flat_vs_per_tensor"] = med["per_tensor_blocking"] / med["flat_blocking"]
         row["flat_vs_pickle"] = med["pickle"] / med["flat"]
         row["flat_vs_flat_blocking"] = med["flat_blocking"] / med["flat"]
-        row["flat_vs_flat_buckets"] = med["flat_buckets"] / med["flat"]
         row["max_abs_error"] = max(r["max_abs_error"].values())
         rows.append(row)
     largest = [r for r in rows if r["params"] == max(x["params"] for x in rows)]
     summary = {
         "flat_vs_per_tensor": min(r["flat_vs_per_tensor"] for r in largest),
+        "blocking_flat_vs_per_tensor": min(r["blocking_flat_vs_per_tensor"] for r in largest),
         "flat_vs_pickle": min(r["flat_vs_pickle"] for r in largest),
         "largest_params": largest[0]["params"],
         "flat_ms_largest_centralized": next(r["flat_ms"] for r in largest if r["mode"] == "centralized"),
         "flat_ms_largest_decentralized": next(r["flat_ms"] for r in largest if r["mode"] == "decentralized"),
-        "buckets_vs_flat_largest": min(r["flat_ms"] / r["flat_buckets_ms"] for r in largest),
+        "flat_vs_one_blocking_largest": min(r["flat_vs_flat_blocking"] for r in largest),
     }
     notes = [f"{s['ranks']} ranks: centralized = rank 0 fed server + {s['ranks'] - 1} clients "
              f"(Ireduce + Ibcast); decentralized = {s['ranks']} clients (Iallreduce).",
-             "flat = mpi_sfl Aggregator; per_tensor = one nonblocking collective per tensor (posted "
+             "flat = mpi_sfl Aggregator (one flat buffer, as 8 MiB slices posted together); per_tensor = one nonblocking collective per tensor (posted "
              "together, one polite wait); per_tensor_blocking = blocking collectives one by one; "
-             "pickle = lowercase reduce+bcast / allreduce of the tensor list; flat_blocking and "
-             "flat_buckets (the flat buffer as 8 MiB slices, posted together) are for reference. "
+             "pickle = lowercase reduce+bcast / allreduce of the tensor list; flat_blocking (the whole "
+             "flat buffer in one blocking collective) is for reference. "
              "Tensor lists are ResNet-like (3 tensors per conv; 62 tensors at 10M params, 161 at 50M). "
              "Time = slowest rank, median.",
-             "flat_vs_per_tensor uses the faster of the two per-tensor variants; summary figures are the "
-             "lower of the two modes at the largest model.",
+             "flat_vs_per_tensor compares like with like: flat and per_tensor both nonblocking with "
+             "polite waits (as training waits); blocking_flat_vs_per_tensor compares the two blocking "
+             "variants. Summary figures are the lower of the two modes at the largest model.",
              "max_abs_error: every variant's result against the exact average (float32)."]
     if s["ranks"] > cores():
         notes.append(f"{s['ranks']} ranks on {cores()} cores: oversubscribed; blocking variants spin.")
-    text = table(rows, ["mode", "params", "tensors", "flat_ms", "flat_blocking_ms", "flat_buckets_ms", "per_tensor_ms",
-                        "per_tensor_blocking_ms", "pickle_ms", "flat_vs_per_tensor", "flat_vs_pickle"],
+    text = table(rows, ["mode", "params", "tensors", "flat_ms", "flat_blocking_ms", "per_tensor_ms",
+                        "per_tensor_blocking_ms", "pickle_ms", "flat_vs_per_tensor", "blocking_flat_vs_per_tensor",
+                        "flat_vs_pickle"],
                  "aggregate: client-side FedAvg, medians")
     return {"settings": s, "results": rows, "summary": summary, "notes": notes, "text": text}
 
@@ -183,7 +187,9 @@ def suite_throughput(level: str, work: Path, args) -> dict:
                 samples[v].append(res["summary"]["train_samples_per_s"])
             else:
                 out = work / f"ddp-{rep}.json"
-                common.mpi(ranks, [str(HERE / "_ddp.py"), *common.sets(cfg), "--out", str(out)])
+                # the same global batch per step as SFL and the baseline, split over the DDP ranks
+                ddp_cfg = {**cfg, "train.batch_size": max(1, s["client_ranks"] * s["batch"] // ranks)}
+                common.mpi(ranks, [str(HERE / "_ddp.py"), *common.sets(ddp_cfg), "--out", str(out)])
                 res = json.loads(out.read_text())
                 samples[v].append(res["train_samples_per_s"])
                 extra["ddp"] = res
@@ -200,7 +206,8 @@ def suite_throughput(level: str, work: Path, args) -> dict:
             desc, procs, glob = (f"mpi_sfl baseline (1 process, unsplit, {threads} thread{'s' * (threads > 1)})",
                                  1, s["client_ranks"] * s["batch"])
         else:
-            desc, procs, glob = "torch DDP over gloo (unsplit)", ranks, ranks * s["batch"]
+            desc, procs, glob = ("torch DDP over gloo (unsplit)", ranks,
+                                 ranks * max(1, s["client_ranks"] * s["batch"] // ranks))
         rows.append({"variant": v, "what": desc, "processes": procs, "batch_per_step": glob,
                      "samples_per_s": sps, "vs_baseline": sps / base, "runs": len(xs)})
     by = {r["variant"]: r["samples_per_s"] for r in rows}
@@ -211,7 +218,7 @@ def suite_throughput(level: str, work: Path, args) -> dict:
     notes = [f"SFL: 1 fed server + 1 split server + {s['client_ranks']} client ranks ({ranks} processes), "
              f"{s['client_ranks']} logical clients x batch {s['batch']}; baseline: one process, the "
              f"concatenated batch of {s['client_ranks'] * s['batch']}; DDP: {ranks} processes x batch "
-             f"{s['batch']} (same per-client batch, so its global batch is larger).",
+             f"{max(1, s['client_ranks'] * s['batch'] // ranks)} (the same global batch per step).",
              "samples/s = training samples x rounds / training seconds (summary.json; eval excluded, "
              "first round included), median over repeats. Threads: mpi_sfl's rule (cores / ranks on "
              "the node, at least 1) for SFL and DDP; the baseline runs with all cores and with one "
@@ -327,43 +334,50 @@ def suite_scaling(level: str, work: Path, args) -> dict:
                 res = common.train(n + 2, cfg, work / f"scale-{kind}-{n}-{rep}")
                 runs.setdefault((kind, n), []).append(res)
     runs[("weak", 1)] = runs[("strong", 1)]
+    res = scaling_result(runs)
+    res["notes"].insert(0, f"N client ranks + 1 fed server + 1 split server = N+2 ranks; one logical client per "
+                        f"client rank, batch {s['batch']}, cnn, file state, centralized FedAvg, synthetic data; "
+                        f"strong: {s['samples']} samples in total; weak: {s['samples']} per client (weak N=1 is "
+                        f"the strong N=1 job). {s['rounds']} rounds per job, first excluded, {s['repeats']} "
+                        "repeat(s); sec_per_round = mean (std) over measured rounds of all repeats.")
+    res["settings"] = {**s, "model": "cnn", "state": "file", "aggregation": "centralized", "servers": 1}
+    return res
+
+
+def scaling_result(runs: dict[tuple[str, int], list[dict]]) -> dict:
+    """Table, summary and plot from training runs keyed by (strong|weak, client ranks): also used by
+    benchmarks/scaling_report.py on the runs of jobs/*_scaling.sbatch and jobs/local.sh."""
     rows = []
-    for kind in ("strong", "weak"):
-        for n in s["ranks"]:
+    kinds = [k for k in ("strong", "weak") if any(kind == k for kind, _ in runs)]
+    for kind in kinds:
+        for n in sorted(n for k, n in runs if k == kind):
             rs = runs[(kind, n)]
             secs = [m["seconds"] for r in rs for m in r["metrics"][1:]]  # first round = warm-up
             mean, std = mean_std(secs)
             phases = [_round_phases(r["metrics"]) for r in rs]
-            row = {"kind": kind, "client_ranks": n, "ranks": n + 2, "oversubscribed": n + 2 > cores(),
+            ranks = rs[0]["summary"].get("ranks") or n + 2
+            row = {"kind": kind, "client_ranks": n, "ranks": ranks, "oversubscribed": ranks > cores(),
                    "samples_per_round": rs[0]["metrics"][0]["samples"], "sec_per_round": mean, "std": std,
                    "rounds_measured": len(secs)}
             row.update({k: mean_std([p[k] for p in phases])[0] for k in phases[0]})
             rows.append(row)
-    for kind in ("strong", "weak"):
-        t1 = next(r["sec_per_round"] for r in rows if r["kind"] == kind and r["client_ranks"] == 1)
-        for r in rows:
-            if r["kind"] == kind:
-                n, tn = r["client_ranks"], r["sec_per_round"]
-                r["speedup"] = t1 / tn if kind == "strong" else n * t1 / tn
-                r["efficiency"] = t1 / (n * tn) if kind == "strong" else t1 / tn
-    nmax = max(s["ranks"])
-    summary = {
-        "strong_efficiency": next(r["efficiency"] for r in rows if r["kind"] == "strong" and r["client_ranks"] == nmax),
-        "weak_efficiency": next(r["efficiency"] for r in rows if r["kind"] == "weak" and r["client_ranks"] == nmax),
-        "strong_speedup": next(r["speedup"] for r in rows if r["kind"] == "strong" and r["client_ranks"] == nmax),
-        "max_ranks": nmax + 2,
-        "max_client_ranks": nmax,
-        "cores": cores(),
-    }
-    over = [r["ranks"] for r in rows if r["oversubscribed"]]
-    notes = [f"N client ranks + 1 fed server + 1 split server = N+2 ranks; one logical client per client "
-             f"rank, batch {s['batch']}, cnn, file state, centralized FedAvg, synthetic data; strong: "
-             f"{s['samples']} samples in total; weak: {s['samples']} per client (weak N=1 is the strong "
-             f"N=1 job). {s['rounds']} rounds per job, first excluded, {s['repeats']} repeat(s); "
-             "sec_per_round = mean (std) over measured rounds of all repeats.",
-             "strong: speedup t1/tN, efficiency t1/(N tN); weak: scaled speedup N t1/tN, efficiency t1/tN.",
+    summary = {}
+    for kind in kinds:
+        rs = [r for r in rows if r["kind"] == kind]
+        n1, t1 = rs[0]["client_ranks"], rs[0]["sec_per_round"]
+        for r in rs:  # relative to the smallest N measured (N=1 in the suite)
+            n, tn = r["client_ranks"] / n1, r["sec_per_round"]
+            r["speedup"] = t1 / tn if kind == "strong" else n * t1 / tn
+            r["efficiency"] = t1 / (n * tn) if kind == "strong" else t1 / tn
+        summary[f"{kind}_efficiency"] = rs[-1]["efficiency"]
+        summary[f"{kind}_speedup"] = rs[-1]["speedup"]
+    nmax = max(r["client_ranks"] for r in rows)
+    summary.update({"max_ranks": max(r["ranks"] for r in rows), "max_client_ranks": nmax, "cores": cores()})
+    notes = ["strong: speedup t1/tN, efficiency t1/(N tN); weak: scaled speedup N t1/tN, efficiency t1/tN "
+             "(t1 = the smallest N measured).",
              "Phase columns: mean seconds per round (after warm-up) of the slowest rank of each role "
              "(metrics.jsonl phase_seconds); p2p_wait includes waiting for the other side to compute."]
+    over = [r["ranks"] for r in rows if r["oversubscribed"]]
     if over:
         notes.append(f"OVERSUBSCRIBED: {sorted(set(over))} ranks on {cores()} cores. The fed server mostly "
                      "sleeps (polite waits), but the split server and the client ranks share the cores, "
@@ -371,9 +385,8 @@ def suite_scaling(level: str, work: Path, args) -> dict:
     text = table(rows, ["kind", "client_ranks", "ranks", "samples_per_round", "sec_per_round", "std", "speedup",
                         "efficiency", "client.client_compute", "client.p2p_wait", "client.aggregation",
                         "split_server.server_compute"],
-                 "scaling: seconds per round (file state)")
-    return {"settings": {**s, "model": "cnn", "state": "file", "aggregation": "centralized", "servers": 1},
-            "results": rows, "summary": summary, "notes": notes, "text": text,
+                 "scaling: seconds per round")
+    return {"results": rows, "summary": summary, "notes": notes, "text": text,
             "plot": lambda path: plot_scaling(rows, path, cores())}
 
 
@@ -382,14 +395,15 @@ def plot_scaling(rows: list[dict], path: Path, ncores: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, kind in zip(axes[:2], ("strong", "weak")):
+    kinds = [k for k in ("strong", "weak") if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(5 * (len(kinds) + 1), 4.5))
+    for ax, kind in zip(axes[:-1], kinds):
         rs = [r for r in rows if r["kind"] == kind]
         ns = [r["client_ranks"] for r in rs]
         ax.errorbar(ns, [r["sec_per_round"] for r in rs], yerr=[r["std"] for r in rs], marker="o",
                     capsize=4, label="measured")
         t1 = rs[0]["sec_per_round"]
-        ideal = [t1 / n for n in ns] if kind == "strong" else [t1 for _ in ns]
+        ideal = [t1 * ns[0] / n for n in ns] if kind == "strong" else [t1 for _ in ns]
         ax.plot(ns, ideal, "--", color="grey", label="ideal")
         for r in rs:
             ax.annotate(f"eff {r['efficiency']:.2f}", (r["client_ranks"], r["sec_per_round"]),
@@ -401,7 +415,7 @@ def plot_scaling(rows: list[dict], path: Path, ncores: int) -> None:
         ax.set(xscale="log", xlabel="client ranks N", ylabel="seconds per round", title=title)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.legend()
-    ax = axes[2]  # per-phase: for each job a client-rank bar and a split-server bar, stacked by phase
+    ax = axes[-1]  # per-phase: for each job a client-rank bar and a split-server bar, stacked by phase
     x = list(range(len(rows)))
     colors = {"client_compute": "tab:blue", "server_compute": "tab:red", "p2p_wait": "tab:orange",
               "aggregation": "tab:green"}
