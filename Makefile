@@ -22,8 +22,11 @@ data:
 		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 	fi
 
+# mpiexec hands the ranks pipes, not the terminal: ask for the progress bar when make has one.
+BAR := $(shell [ -t 2 ] && echo '--set run.progress="bar"')
+
 run: setup
-	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m mpi_sfl train $(ARGS)
+	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m mpi_sfl train $(BAR) $(ARGS)
 
 baseline: setup
 	$(BIN)/mpi-sfl baseline $(ARGS)
