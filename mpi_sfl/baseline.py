@@ -64,8 +64,8 @@ def run(cfg) -> dict:
         test_loss, test_acc = evaluate(model, test.x, test.y, device)
         writer.round({"round": rnd, "rounds": cfg["train"]["rounds"], "train_loss": loss_sum / total,
                       "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
-                      "samples": total})
-    return writer.finish(model, {"mode": "baseline", "seconds": round(train_seconds, 3), "ranks": 1,
+                      "samples": total}, model)
+    return writer.finish({"mode": "baseline", "seconds": round(train_seconds, 3), "ranks": 1,
                                  "train_samples_per_s": total * cfg["train"]["rounds"] / train_seconds})
 
 

@@ -58,8 +58,8 @@ def run(job: Job) -> None:
             "bytes_sent": {r: v["bytes_sent"] for r, v in roles.items()},
             "peak_rss_mb": {r: v["peak_rss_mb"] for r, v in roles.items()},
             "phase_seconds": {r: v["seconds"] for r, v in roles.items()},
-        })
-    writer.finish(model, {
+        }, model)
+    writer.finish({
         "mode": "sfl", "seconds": round(train_seconds, 3), "wall_seconds": round(MPI.Wtime() - start, 3),
         "ranks": job.comm.size,
         "train_samples_per_s": samples_per_round * cfg["train"]["rounds"] / train_seconds,

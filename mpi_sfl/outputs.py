@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,10 +60,15 @@ class RunWriter:
             from tqdm import tqdm
             self.bar = tqdm(total=rounds, desc=label, unit="round", file=sys.stderr)
 
-    def round(self, row: dict) -> None:
+    def round(self, row: dict, model: torch.nn.Module) -> None:
+        """Record a finished round: its metrics row and the model as of now, so a job killed
+        later keeps every completed round (model.pt is replaced atomically)."""
         self.rows.append(row)
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
+        tmp = self.dir / "model.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, self.dir / "model.pt")
         brief = (f"loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f} "
                  f"acc {row['test_accuracy']:.4f} {row['seconds']:.1f}s")
         if self.bar is not None:
@@ -74,11 +80,10 @@ class RunWriter:
     def bar_total(self) -> int:
         return self.rows[-1].get("rounds", len(self.rows))
 
-    def finish(self, model: torch.nn.Module, summary: dict) -> dict:
+    def finish(self, summary: dict) -> dict:
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dir / "model.pt")
         last = self.rows[-1] if self.rows else {}
         summary = {"final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
                    "final_test_accuracy": last.get("test_accuracy"), "rounds": len(self.rows), **summary}
