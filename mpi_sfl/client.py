@@ -24,7 +24,7 @@ from . import data, models
 from .aggregation import Aggregator, flatten_params, host
 from .job import WEIGHTS_TAG, Job
 from .layout import CLIENT
-from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, polite_wait
 
 
 @dataclass
@@ -77,7 +77,8 @@ def run(job: Job) -> None:
             if job.aggregate_due(step):
                 average(clients, aggregator, buf)
         if cfg["sfl"]["aggregation"] == "decentralized" and job.rank == job.layout.client_ranks[0]:
-            job.comm.Send(host(clients[0].flat[:-1]), dest=0, tag=WEIGHTS_TAG)
+            weights = host(clients[0].flat[:-1])  # the averaged client parts, for the evaluation
+            polite_wait(job.comm.Isend(weights, dest=0, tag=WEIGHTS_TAG))
         job.gather_stats(job.stats(CLIENT, loss_sum, samples if split == "u" else 0.0,
                                    job.transport.bytes_sent + aggregator.bytes_sent, MPI.Wtime() - t0))
 

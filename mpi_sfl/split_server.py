@@ -30,7 +30,6 @@ def run(job: Job) -> None:
     model = models.build(cfg["model"]["name"], seed)
     body = models.server_part(model, cfg["model"]["split"]).to(job.device).train()
     params = list(body.parameters())
-    flat_w = torch.nn.utils.parameters_to_vector(params)  # only for shipping at round end
     gflat = attach_flat_grads(params, job.device)
     opt = torch.optim.SGD(params, lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
     state = make_state(cfg["sfl"]["state"], body, grad_input, job.scratch, job.device)
@@ -49,9 +48,9 @@ def run(job: Job) -> None:
                     loss_sum += ls
                 apply_update(job, gflat, params, opt)
                 samples += sum(job.batch_len(c, step) for cs in expected.values() for c in cs)
-            if job.rank == 1:
-                flat_w.copy_(torch.nn.utils.parameters_to_vector(params))
-                job.comm.Send(host(flat_w), dest=0, tag=WEIGHTS_TAG)
+            if job.rank == 1:  # the server part of the global model, for the fed server's evaluation
+                weights = host(torch.nn.utils.parameters_to_vector(params))
+                polite_wait(job.comm.Isend(weights, dest=0, tag=WEIGHTS_TAG))
             job.gather_stats(job.stats(SERVER, loss_sum, samples if not u_shape else 0.0,
                                        job.transport.bytes_sent, MPI.Wtime() - t0))
             loss_sum = samples = 0.0
