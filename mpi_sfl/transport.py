@@ -22,7 +22,7 @@ from mpi4py import MPI
 from .timing import Timers
 
 # Message kinds. The header travels on tag 2*kind, its payload on 2*kind + 1.
-ACT, LABELS, OUT, DELTA, GRAD_IN, WEIGHTS = 1, 2, 3, 4, 5, 6
+ACT, LABELS, OUT, DELTA, GRAD_IN = 1, 2, 3, 4, 5
 HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], spare[2]
 MAX_DIMS = 4
 DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8]
