@@ -29,7 +29,7 @@ run: setup
 	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m mpi_sfl train $(BAR) $(ARGS)
 
 baseline: setup
-	$(BIN)/mpi-sfl baseline $(ARGS)
+	$(BIN)/mpi-sfl baseline --set run.out_dir=\"runs/baseline\" $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -10,7 +10,9 @@ must land on this model to float32 round-off (the exactness property, design §1
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,10 @@ def run(cfg) -> dict:
     if cfg["train"]["clients"] == 0:
         raise UserError("train.clients = 0 means one per client rank, which a single process "
                         "cannot know: set train.clients, or pass the config.toml an SFL run wrote")
+    out = Path(cfg["run"]["out_dir"])
+    if (out / "summary.json").is_file() and json.loads((out / "summary.json").read_text()).get("mode") == "sfl":
+        raise UserError(f"{out} holds an SFL run's results, which the baseline would overwrite; "
+                        f"pass --set run.out_dir=... (for example {out.parent / 'baseline'})")
     device = pick_device(cfg["run"]["device"], 0)
     set_threads(cfg["run"]["threads"], 1)
     train, test = data.load(cfg, "train"), data.load(cfg, "test")

@@ -49,6 +49,8 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
 def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
     sfl_out = tmp_path_factory.mktemp("sfl")
     ok(mpirun(3, "train", *sets(TINY + ["train.clients=2", f'run.out_dir="{sfl_out}"'])))
+    refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
+    assert refused.returncode == 2 and "holds an SFL run's results" in refused.stderr
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(sfl_out)) == \
         ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
