@@ -7,14 +7,17 @@ from mpi_sfl import config
 from mpi_sfl.errors import UserError
 
 
-def test_defaults_are_valid_and_documented_keys_exist():
+def test_defaults_are_valid_and_the_issue_knobs_exist():
     cfg = config.load()
     assert cfg.model.name == "cnn" and cfg.model.split == "u" and cfg.sfl.state == "file"
+    assert cfg.data.dataset == "fashion-mnist" and cfg.sfl.aggregation == "centralized"
     for key in ("data.dataset", "data.dir", "data.train_samples", "data.partition", "data.alpha",
                 "model.name", "model.split", "model.freeze_encoder", "train.rounds", "train.batch_size",
                 "train.lr", "train.momentum", "train.aggregate_every", "train.clients", "sfl.state",
                 "sfl.aggregation", "run.seed", "run.out_dir", "run.scratch_dir", "run.device"):
-        config.load(overrides=[f"{key}={config.to_toml(config.defaults()).split(key.split('.')[1] + ' = ')[1].splitlines()[0]}"])
+        value = cfg.get_key(key)  # KeyError if a knob is missing
+        text = config.to_toml({key.split(".")[0]: {key.split(".")[1]: value}}).splitlines()[1].split(" = ", 1)[1]
+        assert config.load(overrides=[f"{key}={text}"]).get_key(key) == value  # --set takes it back
 
 
 def test_set_overrides_and_types():
