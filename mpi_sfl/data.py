@@ -133,11 +133,14 @@ def _load_fmnist(directory: Path, kind: str, labels_only: bool) -> tuple[np.ndar
     return images, labels
 
 
-def _synthetic(n: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable, seeded 28x28 images: a fixed random prototype per class plus noise."""
-    protos = np.random.default_rng([seed, 7919]).normal(0.0, 1.0, (NUM_CLASSES, 28, 28)).astype(np.float32)
+def _synthetic(n: int, seed: int, stream: int, labels_only: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """Learnable, seeded 28x28 images: a fixed random prototype per class plus noise. The labels are
+    drawn first, so asking for labels only gives the same labels without making the images."""
     rng = np.random.default_rng([seed, stream])
     y = rng.integers(0, NUM_CLASSES, n)
+    if labels_only:
+        return None, y
+    protos = np.random.default_rng([seed, 7919]).normal(0.0, 1.0, (NUM_CLASSES, 28, 28)).astype(np.float32)
     x = protos[y] + rng.normal(0.0, 1.5, (n, 28, 28)).astype(np.float32)
     return x, y
 
@@ -148,8 +151,8 @@ def load(cfg, kind: str, labels_only: bool = False) -> Split:
     seed = cfg["run"]["seed"]
     if d["dataset"] == "synthetic":
         n = (d["train_samples"] or 10000) if kind == "train" else (d["test_samples"] or 2000)
-        x, y = _synthetic(n, seed, 1 if kind == "train" else 2)
-        xt = None if labels_only else torch.from_numpy(x).unsqueeze(1)
+        x, y = _synthetic(n, seed, 1 if kind == "train" else 2, labels_only)
+        xt = None if x is None else torch.from_numpy(x).unsqueeze(1)
         return Split(xt, torch.from_numpy(y).long())
     images, labels = _load_fmnist(locate_fashion_mnist(d["dir"]), kind, labels_only)
     cap = d["train_samples"] if kind == "train" else d["test_samples"]
