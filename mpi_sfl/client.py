@@ -62,6 +62,8 @@ def run(job: Job) -> None:
     train = job.train
     server = job.layout.server_of(job.rank)
     clients = make_clients(job, job.layout.clients_of(job.rank))
+    # Only parts that draw random numbers are seeded per batch; fixed for the run.
+    job.seed_encoder, job.seed_head = models.uses_rng(clients[0].encoder), models.uses_rng(clients[0].head)
     agg_comm = job.fed_comm if cfg["sfl"]["aggregation"] == "centralized" else job.clients_comm
     aggregator = Aggregator(cfg["sfl"]["aggregation"], agg_comm, job.timers)
     buf = torch.zeros_like(clients[0].flat)
@@ -88,12 +90,11 @@ def client_step(job: Job, active: list[LogicalClient], plan, train: data.Split, 
     """One synchronous step of this rank's active logical clients; returns sum of loss x batch."""
     seed = job.cfg["run"]["seed"]
     t, by_id = job.transport, {c.cid: c for c in active}
-    seed_encoder, seed_head = models.uses_rng(active[0].encoder), models.uses_rng(active[0].head)
     with job.timers.phase("client_compute"):
         for c in active:
             idx = torch.from_numpy(plan[c.cid][step])
             x, y = train.x[idx].to(job.device), train.y[idx].to(job.device)
-            if seed_encoder:
+            if job.seed_encoder:
                 torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 0))
             with torch.set_grad_enabled(not frozen):
                 h = c.encoder(x)
@@ -115,7 +116,7 @@ def client_step(job: Job, active: list[LogicalClient], plan, train: data.Split, 
                 c.batch["h"].backward(payload)
                 continue
             z = payload.clone().requires_grad_(True)
-            if seed_head:
+            if job.seed_head:
                 torch.manual_seed(models.batch_seed(seed, rnd, step, c.cid, 2))
             loss = F.cross_entropy(c.head(z), c.batch["y"])
             loss.backward()

@@ -32,6 +32,8 @@ class Job:
     train: "Split | None" = None          # client ranks: the training set (the shards index it)
     test: "Split | None" = None           # fed server: the test set
     scratch: "Path | None" = None         # split servers in file mode: per-job scratch dir
+    seed_encoder: bool = False            # client ranks: whether the encoder / head draw randoms
+    seed_head: bool = False
     timers: Timers = field(default_factory=Timers)
     transport: Transport = None  # type: ignore[assignment]
 

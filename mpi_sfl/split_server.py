@@ -33,13 +33,13 @@ def run(job: Job) -> None:
     gflat = attach_flat_grads(params, job.device)
     opt = torch.optim.SGD(params, lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
     state = make_state(cfg["sfl"]["state"], body, grad_input, job.scratch, job.device)
-    my_ranks = job.layout.client_ranks_of(job.rank)
+    mine = {r: job.layout.clients_of(r) for r in job.layout.client_ranks_of(job.rank)}  # fixed for the run
     loss_sum = samples = 0.0
     try:
         for rnd in range(cfg["train"]["rounds"]):
             t0 = MPI.Wtime()
             for step in range(job.steps):
-                expected = {r: [c for c in job.layout.clients_of(r) if job.batch_len(c, step)] for r in my_ranks}
+                expected = {r: [c for c in cs if job.batch_len(c, step)] for r, cs in mine.items()}
                 gflat.zero_()
                 if u_shape:
                     serve_u_step(job, state, expected, rnd, step, gflat, grad_input)
