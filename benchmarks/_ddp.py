@@ -42,20 +42,20 @@ def main() -> None:
     rank, world = comm.rank, comm.size
     cfg = config.load(None, args.overrides)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    threads = set_threads(cfg["run"]["threads"], node.size)  # same rule as an SFL rank
+    threads = set_threads(cfg.run.threads, node.size)  # same rule as an SFL rank
     port = comm.bcast(free_port() if rank == 0 else None, root=0)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    seed, bs = cfg["run"]["seed"], cfg["train"]["batch_size"]
+    seed, bs = cfg.run.seed, cfg.train.batch_size
     train = data.load(cfg, "train")
     shards = data.partition(train.y.numpy(), world, cfg)
-    model = models.build(cfg["model"]["name"], seed).train()
+    model = models.build(cfg.model.name, seed).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
+    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
     total = len(train.y)
     round_seconds, processed = [], 0
-    for rnd in range(cfg["train"]["rounds"]):
+    for rnd in range(cfg.train.rounds):
         batches = data.round_batches(shards, bs, seed, rnd, ids=[rank])[rank]
         steps = comm.allreduce(len(batches), op=MPI.MAX)  # DDP needs the same step count everywhere
         dist.barrier()

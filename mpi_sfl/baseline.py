@@ -25,31 +25,31 @@ from .outputs import RunWriter, evaluate
 
 
 def run(cfg) -> dict:
-    if cfg["train"]["clients"] == 0:
+    if cfg.train.clients == 0:
         raise UserError("train.clients = 0 means one per client rank, which a single process "
                         "cannot know: set train.clients, or pass the config.toml an SFL run wrote")
-    out = Path(cfg["run"]["out_dir"])
+    out = Path(cfg.run.out_dir)
     if (out / "summary.json").is_file() and json.loads((out / "summary.json").read_text()).get("mode") == "sfl":
         raise UserError(f"{out} holds an SFL run's results, which the baseline would overwrite; "
                         f"pass --set run.out_dir=... (for example {out.parent / 'baseline'})")
-    device = pick_device(cfg["run"]["device"], 0)
-    set_threads(cfg["run"]["threads"], 1)
+    device = pick_device(cfg.run.device, 0)
+    set_threads(cfg.run.threads, 1)
     train, test = data.load(cfg, "train"), data.load(cfg, "test")
-    shards = data.partition(train.y.numpy(), cfg["train"]["clients"], cfg)
-    seed, split = cfg["run"]["seed"], cfg["model"]["split"]
-    model = models.build(cfg["model"]["name"], seed).to(device).train()
-    if cfg["model"]["freeze_encoder"]:
+    shards = data.partition(train.y.numpy(), cfg.train.clients, cfg)
+    seed, split = cfg.run.seed, cfg.model.split
+    model = models.build(cfg.model.name, seed).to(device).train()
+    if cfg.model.freeze_encoder:
         model.encoder.requires_grad_(False)
     server = models.server_part(model, split)
     later = [(model.body if split == "u" else server, 1)] + ([(model.head, 2)] if split == "u" else [])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                          lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
-    writer = RunWriter(cfg, cfg["train"]["rounds"], "baseline")
+                          lr=cfg.train.lr, momentum=cfg.train.momentum)
+    writer = RunWriter(cfg, cfg.train.rounds, "baseline")
     total = sum(len(s) for s in shards)
     train_seconds = 0.0
-    for rnd in range(cfg["train"]["rounds"]):
+    for rnd in range(cfg.train.rounds):
         t0 = time.perf_counter()
-        plan = data.round_batches(shards, cfg["train"]["batch_size"], seed, rnd)
+        plan = data.round_batches(shards, cfg.train.batch_size, seed, rnd)
         steps = max(len(b) for b in plan.values())
         loss_sum = 0.0
         for step in range(steps):
@@ -68,11 +68,11 @@ def run(cfg) -> dict:
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         test_loss, test_acc = evaluate(model, test.x, test.y, device)
-        writer.round({"round": rnd, "rounds": cfg["train"]["rounds"], "train_loss": loss_sum / total,
+        writer.round({"round": rnd, "rounds": cfg.train.rounds, "train_loss": loss_sum / total,
                       "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
                       "samples": total}, model)
     return writer.finish({"mode": "baseline", "seconds": round(train_seconds, 3), "ranks": 1,
-                                 "train_samples_per_s": total * cfg["train"]["rounds"] / train_seconds})
+                                 "train_samples_per_s": total * cfg.train.rounds / train_seconds})
 
 
 def _forward_part(part: nn.Module, x: torch.Tensor, sizes: list[int], clients: list[int],

@@ -41,33 +41,33 @@ class LogicalClient:
 
 def make_clients(job: Job, ids: list[int]) -> list[LogicalClient]:
     cfg = job.cfg
-    base = models.build(cfg["model"]["name"], cfg["run"]["seed"])
+    base = models.build(cfg.model.name, cfg.run.seed)
     out = []
     for cid in ids:
         m = copy.deepcopy(base).to(job.device).train()
-        if cfg["model"]["freeze_encoder"]:
+        if cfg.model.freeze_encoder:
             m.encoder.requires_grad_(False)
-        parts = models.client_parts(m, cfg["model"]["split"])
+        parts = models.client_parts(m, cfg.model.split)
         flat = flatten_params(parts, job.device)
         trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
         opt = torch.optim.SGD(trainable or [torch.zeros(1, requires_grad=True)],
-                              lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
+                              lr=cfg.train.lr, momentum=cfg.train.momentum)
         out.append(LogicalClient(cid, m.encoder, m.head, flat, opt))
     return out
 
 
 def run(job: Job) -> None:
     cfg = job.cfg
-    split, frozen, seed = cfg["model"]["split"], cfg["model"]["freeze_encoder"], cfg["run"]["seed"]
+    split, frozen, seed = cfg.model.split, cfg.model.freeze_encoder, cfg.run.seed
     train = job.train
     server = job.layout.server_of(job.rank)
     clients = make_clients(job, job.layout.clients_of(job.rank))
     # Only parts that draw random numbers are seeded per batch; fixed for the run.
     job.seed_encoder, job.seed_head = models.uses_rng(clients[0].encoder), models.uses_rng(clients[0].head)
-    agg_comm = job.fed_comm if cfg["sfl"]["aggregation"] == "centralized" else job.clients_comm
-    aggregator = Aggregator(cfg["sfl"]["aggregation"], agg_comm, job.timers)
+    agg_comm = job.fed_comm if cfg.sfl.aggregation == "centralized" else job.clients_comm
+    aggregator = Aggregator(cfg.sfl.aggregation, agg_comm, job.timers)
     buf = torch.zeros_like(clients[0].flat)
-    for rnd in range(cfg["train"]["rounds"]):
+    for rnd in range(cfg.train.rounds):
         plan = data.round_batches(job.shards, job.batch_size, seed, rnd, ids=[c.cid for c in clients])
         loss_sum = samples = 0.0
         t0 = MPI.Wtime()
@@ -78,7 +78,7 @@ def run(job: Job) -> None:
                 samples += sum(c.batch["b"] for c in active)
             if job.aggregate_due(step):
                 average(clients, aggregator, buf)
-        if cfg["sfl"]["aggregation"] == "decentralized" and job.rank == job.layout.client_ranks[0]:
+        if cfg.sfl.aggregation == "decentralized" and job.rank == job.layout.client_ranks[0]:
             weights = host(clients[0].flat[:-1])  # the averaged client parts, for the evaluation
             polite_wait(job.comm.Isend(weights, dest=0, tag=WEIGHTS_TAG))
         job.gather_stats(job.stats(CLIENT, loss_sum, samples if split == "u" else 0.0,
@@ -88,7 +88,7 @@ def run(job: Job) -> None:
 def client_step(job: Job, active: list[LogicalClient], plan, train: data.Split, server: int,
                 rnd: int, step: int, split: str, frozen: bool) -> float:
     """One synchronous step of this rank's active logical clients; returns sum of loss x batch."""
-    seed = job.cfg["run"]["seed"]
+    seed = job.cfg.run.seed
     t, by_id = job.transport, {c.cid: c for c in active}
     with job.timers.phase("client_compute"):
         for c in active:

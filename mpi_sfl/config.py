@@ -1,12 +1,16 @@
 """The job's configuration: TOML defaults shipped with the package, a user file, `--set` overrides.
 
 Validation is strict and happens before any training, on every rank, so that a typo ends the job
-with one message instead of a hang or a late crash.
+with one message instead of a hang or a late crash. The result is a frozen, typed `Config`
+(one dataclass per TOML section) read once; the roles ask it for derived flags (`cfg.u_shape`,
+`cfg.centralized`, `cfg.grad_input`, ...) instead of comparing strings.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tomllib
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,35 +22,131 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet", "shards"),
     "model.name": ("cnn", "lenet5", "mlp"),
     "model.split": ("u", "label-sharing"),
+    "sfl.variant": ("sync", "v1", "v2", "sl", "fl"),
     "sfl.state": ("file", "memory", "graph"),
     "sfl.aggregation": ("centralized", "decentralized"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "bar", "lines", "none"),
     "run.wait": ("auto", "spin", "poll"),
 }
-POSITIVE = ("train.rounds", "train.batch_size", "train.lr", "sfl.servers", "data.shards_per_client")
-NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum",
+POSITIVE = ("train.rounds", "train.batch_size", "train.lr", "data.shards_per_client")
+NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum", "sfl.servers",
+                "train.clients_per_round",
                 "train.aggregate_every", "train.clients", "run.threads", "run.seed")
 
 
-class Config(dict):
-    """Nested dict {section: {key: value}} with attribute access: cfg.train.lr."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            value = self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        return Config(value) if isinstance(value, dict) else value
+class Raw(dict):
+    """The nested {section: {key: value}} dict that TOML parsing and validation work on."""
 
     def get_key(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
         return self[section][key]
 
 
-def defaults() -> Config:
+@dataclass(frozen=True)
+class Data:
+    dataset: str
+    dir: str
+    train_samples: int
+    test_samples: int
+    partition: str
+    alpha: float
+    shards_per_client: int
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    split: str
+    freeze_encoder: bool
+
+
+@dataclass(frozen=True)
+class Train:
+    rounds: int
+    batch_size: int
+    lr: float
+    momentum: float
+    aggregate_every: int
+    clients: int
+    clients_per_round: int
+
+
+@dataclass(frozen=True)
+class Sfl:
+    variant: str
+    state: str
+    aggregation: str
+    servers: int
+
+
+@dataclass(frozen=True)
+class Run:
+    seed: int
+    out_dir: str
+    scratch_dir: str
+    device: str
+    threads: int
+    wait: str
+    progress: str
+
+
+SECTIONS = {"data": Data, "model": Model, "train": Train, "sfl": Sfl, "run": Run}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated config: `cfg.train.lr`, `cfg.sfl.variant`, and the flags derived from it."""
+    data: Data
+    model: Model
+    train: Train
+    sfl: Sfl
+    run: Run
+
+    @classmethod
+    def from_raw(cls, raw: dict) -> "Config":
+        return cls(**{name: kind(**raw[name]) for name, kind in SECTIONS.items()})
+
+    def replace(self, section: str, **values: Any) -> "Config":
+        """A copy with some keys of one section changed (e.g. train.clients once it is resolved)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+    def get_key(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- derived flags, so no role compares strings ------------------------------------------------
+    @property
+    def u_shape(self) -> bool:
+        """Labels stay on the client: encoder and head on the client, the body on the server."""
+        return self.model.split == "u"
+
+    @property
+    def grad_input(self) -> bool:
+        """Whether dl/dh travels back to the client (its encoder trains)."""
+        return not self.model.freeze_encoder
+
+    @property
+    def centralized(self) -> bool:
+        return self.sfl.aggregation == "centralized"
+
+    @property
+    def split(self) -> bool:
+        """Whether the model is cut at all (every variant but fl)."""
+        return self.sfl.variant != "fl"
+
+    @property
+    def averages(self) -> bool:
+        """Whether the variant averages client parts (all but sl, which relays one model)."""
+        return self.sfl.variant != "sl"
+
+
+def defaults() -> Raw:
     text = resources.files("mpi_sfl").joinpath("default.toml").read_text()
-    return Config(tomllib.loads(text))
+    return Raw(tomllib.loads(text))
 
 
 def parse_value(text: str) -> Any:
@@ -83,10 +183,10 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         dotted, text = item.split("=", 1)
         _set(cfg, base, dotted.strip(), parse_value(text.strip()), origin="--set")
     validate(cfg)
-    return cfg
+    return Config.from_raw(cfg)
 
 
-def _set(cfg: Config, base: Config, dotted: str, value: Any, origin: str) -> None:
+def _set(cfg: Raw, base: Raw, dotted: str, value: Any, origin: str) -> None:
     if dotted.count(".") != 1:
         raise UserError(f"config key {dotted!r} ({origin}) must look like section.key")
     section, key = dotted.split(".")
@@ -109,7 +209,7 @@ def _set(cfg: Config, base: Config, dotted: str, value: Any, origin: str) -> Non
     cfg[section][key] = value
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Raw) -> None:
     """Checks that need no knowledge of the data or the world size."""
     for dotted, choices in CHOICES.items():
         if cfg.get_key(dotted) not in choices:
@@ -124,14 +224,34 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.momentum must be < 1, got {cfg['train']['momentum']}")
     if cfg["data"]["partition"] == "dirichlet" and not cfg["data"]["alpha"] > 0:
         raise UserError(f"data.alpha must be > 0, got {cfg['data']['alpha']}")
+    _check_variant(cfg["sfl"]["variant"], cfg["sfl"]["servers"], cfg["train"])
     if cfg["data"]["dataset"] == "synthetic" and cfg["data"]["dir"]:
         raise UserError("data.dir is only for fashion-mnist; the synthetic set is generated")
 
 
-def to_toml(cfg: Config) -> str:
+def _check_variant(variant: str, servers: int, train: dict) -> None:
+    """Combinations that make no sense, refused with what to change."""
+    if variant == "fl" and servers != 0:
+        raise UserError(f"sfl.variant = 'fl' trains the whole model on the clients and has no split "
+                        f"server: set sfl.servers = 0 (and launch {servers} rank(s) fewer)")
+    if variant != "fl" and servers == 0:
+        raise UserError(f"sfl.variant = {variant!r} needs a split server: sfl.servers = 0 is only for "
+                        "sfl.variant = 'fl'")
+    if variant in ("v2", "sl") and servers > 1:
+        raise UserError(f"sfl.variant = {variant!r} updates one server part after every client batch, "
+                        "which replicas cannot share: set sfl.servers = 1")
+    if variant == "sl" and train["clients_per_round"]:
+        raise UserError("train.clients_per_round samples clients for the variants that average; "
+                        "sfl.variant = 'sl' relays one model through every client: set it to 0")
+    if train["clients"] and train["clients_per_round"] > train["clients"]:
+        raise UserError(f"train.clients_per_round = {train['clients_per_round']} exceeds "
+                        f"train.clients = {train['clients']}")
+
+
+def to_toml(cfg: "Config | dict") -> str:
     """The resolved config as TOML that `load` reads back unchanged (flat sections, scalars)."""
     lines: list[str] = []
-    for section, table in cfg.items():
+    for section, table in (cfg.as_dict() if isinstance(cfg, Config) else cfg).items():
         lines.append(f"[{section}]")
         for key, value in table.items():
             if isinstance(value, bool):

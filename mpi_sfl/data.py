@@ -147,15 +147,15 @@ def _synthetic(n: int, seed: int, stream: int, labels_only: bool) -> tuple[np.nd
 
 def load(cfg, kind: str, labels_only: bool = False) -> Split:
     """The train or test split as the config asks (capped, normalized). `labels_only` skips the images."""
-    d = cfg["data"]
-    seed = cfg["run"]["seed"]
-    if d["dataset"] == "synthetic":
-        n = (d["train_samples"] or 10000) if kind == "train" else (d["test_samples"] or 2000)
+    d = cfg.data
+    seed = cfg.run.seed
+    if d.dataset == "synthetic":
+        n = (d.train_samples or 10000) if kind == "train" else (d.test_samples or 2000)
         x, y = _synthetic(n, seed, 1 if kind == "train" else 2, labels_only)
         xt = None if x is None else torch.from_numpy(x).unsqueeze(1)
         return Split(xt, torch.from_numpy(y).long())
-    images, labels = _load_fmnist(locate_fashion_mnist(d["dir"]), kind, labels_only)
-    cap = d["train_samples"] if kind == "train" else d["test_samples"]
+    images, labels = _load_fmnist(locate_fashion_mnist(d.dir), kind, labels_only)
+    cap = d.train_samples if kind == "train" else d.test_samples
     n = min(cap, len(labels)) if cap else len(labels)
     y = torch.from_numpy(labels[:n].astype(np.int64))
     if images is None:
@@ -170,12 +170,12 @@ def partition(labels: np.ndarray, clients: int, cfg) -> list[np.ndarray]:
     if clients > n:
         raise UserError(f"train.clients = {clients} exceeds the {n} training samples; "
                         "lower train.clients or raise data.train_samples")
-    d, seed = cfg["data"], cfg["run"]["seed"]
+    d, seed = cfg.data, cfg.run.seed
     rng = np.random.default_rng([seed, 104729])
-    if d["partition"] == "iid":
+    if d.partition == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(n), clients)]
-    if d["partition"] == "shards":
-        k = d["shards_per_client"]
+    if d.partition == "shards":
+        k = d.shards_per_client
         if clients * k > n:
             raise UserError(f"{clients} clients x {k} shards exceed the {n} samples; lower "
                             "data.shards_per_client")
@@ -189,7 +189,7 @@ def partition(labels: np.ndarray, clients: int, cfg) -> list[np.ndarray]:
         parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
         for c in np.unique(labels):
             idx = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet([d["alpha"]] * clients)) * len(idx)).astype(int)[:-1]
+            cuts = (np.cumsum(rng.dirichlet([d.alpha] * clients)) * len(idx)).astype(int)[:-1]
             for i, chunk in enumerate(np.split(idx, cuts)):
                 parts[i].append(chunk)
         out = [np.sort(np.concatenate(p)) for p in parts]

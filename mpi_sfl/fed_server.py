@@ -21,17 +21,17 @@ from .transport import polite_wait
 
 def run(job: Job) -> None:
     cfg = job.cfg
-    split, centralized = cfg["model"]["split"], cfg["sfl"]["aggregation"] == "centralized"
-    model = models.build(cfg["model"]["name"], cfg["run"]["seed"]).to(job.device)
+    split, centralized = cfg.model.split, cfg.sfl.aggregation == "centralized"
+    model = models.build(cfg.model.name, cfg.run.seed).to(job.device)
     client_flat = flatten_params(models.client_parts(model, split), job.device)
     server_params = list(models.server_part(model, split).parameters())
     client_buf = np.zeros(client_flat.numel(), np.float32)
     server_buf = np.zeros(sum(p.numel() for p in server_params), np.float32)
     aggregator = Aggregator("centralized", job.fed_comm, job.timers)
-    writer = RunWriter(cfg, cfg["train"]["rounds"], "sfl")
+    writer = RunWriter(cfg, cfg.train.rounds, "sfl")
     samples_per_round = sum(len(s) for s in job.shards)
     train_seconds, start = 0.0, MPI.Wtime()
-    for rnd in range(cfg["train"]["rounds"]):
+    for rnd in range(cfg.train.rounds):
         t0 = MPI.Wtime()
         if centralized:
             for step in range(job.steps):
@@ -51,7 +51,7 @@ def run(job: Job) -> None:
             test_loss, test_acc = evaluate(model, job.test.x, job.test.y, job.device)
         roles = role_rows(stats)
         writer.round({
-            "round": rnd, "rounds": cfg["train"]["rounds"],
+            "round": rnd, "rounds": cfg.train.rounds,
             "train_loss": float(stats[:, 1].sum() / max(stats[:, 2].sum(), 1)),
             "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
             "samples": samples_per_round,
@@ -62,6 +62,6 @@ def run(job: Job) -> None:
     writer.finish({
         "mode": "sfl", "seconds": round(train_seconds, 3), "wall_seconds": round(MPI.Wtime() - start, 3),
         "ranks": job.comm.size,
-        "train_samples_per_s": samples_per_round * cfg["train"]["rounds"] / train_seconds,
+        "train_samples_per_s": samples_per_round * cfg.train.rounds / train_seconds,
         "phase_seconds": {r: v["seconds"] for r, v in roles.items()},
     })

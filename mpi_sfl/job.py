@@ -46,7 +46,7 @@ class Job:
 
     @property
     def batch_size(self) -> int:
-        return self.cfg["train"]["batch_size"]
+        return self.cfg.train.batch_size
 
     @property
     def steps(self) -> int:
@@ -58,7 +58,7 @@ class Job:
         return max(0, min(self.batch_size, len(self.shards[client]) - step * self.batch_size))
 
     def aggregate_due(self, step: int) -> bool:
-        every = self.cfg["train"]["aggregate_every"]
+        every = self.cfg.train.aggregate_every
         return step == self.steps - 1 or (every > 0 and (step + 1) % every == 0)
 
     def stats(self, role: int, loss_sum: float, samples: float, bytes_sent: float,

@@ -27,12 +27,12 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg, world: int) -> "Layout":
-        servers = cfg["sfl"]["servers"]
+        servers = cfg.sfl.servers
         client_ranks = world - 1 - servers
         if client_ranks < 1:
             raise UserError(f"{world} ranks leave no client rank (1 fed server + {servers} split "
                             f"server(s)); run with mpiexec -n {servers + 2} or more")
-        clients = cfg["train"]["clients"] or client_ranks
+        clients = cfg.train.clients or client_ranks
         if clients < client_ranks:
             raise UserError(f"{world} ranks give {client_ranks} client ranks but train.clients = "
                             f"{clients}; run with mpiexec -n {1 + servers + clients} or raise train.clients")

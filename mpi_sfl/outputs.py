@@ -47,11 +47,11 @@ class RunWriter:
     """Writes the outputs of one run into run.out_dir and shows progress. Rank 0 only."""
 
     def __init__(self, cfg, rounds: int, label: str):
-        self.dir = Path(cfg["run"]["out_dir"])
+        self.dir = Path(cfg.run.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.toml").write_text(to_toml(cfg))
         self.metrics = (self.dir / "metrics.jsonl").open("w")
-        mode = cfg["run"]["progress"]
+        mode = cfg.run.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode, self.label, self.rows = mode, label, []

@@ -24,19 +24,19 @@ from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, polite_wait
 
 def run(job: Job) -> None:
     cfg = job.cfg
-    u_shape = cfg["model"]["split"] == "u"
-    grad_input = not cfg["model"]["freeze_encoder"]
-    seed = cfg["run"]["seed"]
-    model = models.build(cfg["model"]["name"], seed)
-    body = models.server_part(model, cfg["model"]["split"]).to(job.device).train()
+    u_shape = cfg.model.split == "u"
+    grad_input = not cfg.model.freeze_encoder
+    seed = cfg.run.seed
+    model = models.build(cfg.model.name, seed)
+    body = models.server_part(model, cfg.model.split).to(job.device).train()
     params = list(body.parameters())
     gflat = attach_flat_grads(params, job.device)
-    opt = torch.optim.SGD(params, lr=cfg["train"]["lr"], momentum=cfg["train"]["momentum"])
-    state = make_state(cfg["sfl"]["state"], body, grad_input, job.scratch, job.device)
+    opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    state = make_state(cfg.sfl.state, body, grad_input, job.scratch, job.device)
     mine = {r: job.layout.clients_of(r) for r in job.layout.client_ranks_of(job.rank)}  # fixed for the run
     loss_sum = samples = 0.0
     try:
-        for rnd in range(cfg["train"]["rounds"]):
+        for rnd in range(cfg.train.rounds):
             t0 = MPI.Wtime()
             for step in range(job.steps):
                 expected = {r: [c for c in cs if job.batch_len(c, step)] for r, cs in mine.items()}
@@ -67,7 +67,7 @@ def serve_u_step(job: Job, state, expected, rnd: int, step: int, gflat: torch.Te
     (an early delta waits for its turn) so the gradient sum has the same rounding in every run:
     same seed, same config, bit-identical results, whatever the arrival order.
     """
-    seed = job.cfg["run"]["seed"]
+    seed = job.cfg.run.seed
     inbox = Inbox(job.transport, {(src, kind): len(cs) for src, cs in expected.items() for kind in (ACT, DELTA)})
     order = sorted(c for cs in expected.values() for c in cs)
     waiting: dict[int, tuple[int, torch.Tensor]] = {}
@@ -99,7 +99,7 @@ def serve_label_step(job: Job, body, params, expected, rnd: int, step: int, gfla
                      grad_input: bool) -> float:
     """Label-sharing: activation and labels arrive together; forward, loss and backward, in client
     order (see serve_u_step) so that runs are bit-reproducible."""
-    seed = job.cfg["run"]["seed"]
+    seed = job.cfg.run.seed
     inbox = Inbox(job.transport, {(src, ACT): len(cs) for src, cs in expected.items()})
     order = sorted(c for cs in expected.values() for c in cs)
     waiting: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}

@@ -28,27 +28,27 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
         check_launch(comm.size)
         cfg = config.load(cfg_path, overrides)
         layout = Layout.from_config(cfg, comm.size)
-        cfg["train"]["clients"] = layout.clients  # resolved: the written config.toml reruns as is
+        cfg = cfg.replace("train", clients=layout.clients)  # resolved: the written config.toml reruns as is
         return cfg, layout
 
     cfg, layout = fail_together(comm, setup)
-    set_wait_mode(cfg["run"]["wait"], local_size > len(os.sched_getaffinity(0)))
+    set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)))
     role = layout.role(comm.rank)
     # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache.
-    fail_together(comm, lambda: data.locate_fashion_mnist(cfg["data"]["dir"])
-                  if comm.rank == 0 and cfg["data"]["dataset"] == "fashion-mnist" else None)
+    fail_together(comm, lambda: data.locate_fashion_mnist(cfg.data.dir)
+                  if comm.rank == 0 and cfg.data.dataset == "fashion-mnist" else None)
 
     def load():
-        device = pick_device(cfg["run"]["device"], local)
-        set_threads(cfg["run"]["threads"], local_size)
+        device = pick_device(cfg.run.device, local)
+        set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         job = Job(cfg, layout, comm, device, data.partition(labels, layout.clients, cfg))
         if role == CLIENT:
             job.train = data.load(cfg, "train")
         if role == FED:
             job.test = data.load(cfg, "test")
-        if role == SERVER and cfg["sfl"]["state"] == "file":
-            job.scratch = make_scratch(cfg["run"]["scratch_dir"],
+        if role == SERVER and cfg.sfl.state == "file":
+            job.scratch = make_scratch(cfg.run.scratch_dir,
                                        f"{os.environ.get('SLURM_JOB_ID', 'local')}-r{comm.rank}")
         return job
 
