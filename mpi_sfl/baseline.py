@@ -2,11 +2,14 @@
 
     mpi-sfl baseline [CONFIG.toml] [--set section.key=value ...]
 
-Each step consumes the concatenation of what the logical clients draw in that step of the SFL run
-(data.round_batches) with the mean loss over all its samples. Parts that draw random numbers
-(dropout) run per client chunk under the same per-(round, step, client, part) seeds the SFL ranks
-use; the others run on the whole concatenated batch. With aggregate_every = 1 and plain SGD, SFL
-must land on this model to float32 round-off (the exactness property, design §1).
+It follows the configured variant's schedule of updates (`schedule`): each update consumes the
+concatenation of some logical clients' batches with the mean loss over all its samples —
+sync, v1, fl: one update per step over every client that has a batch in it; v2: one update per
+client batch, a step's clients in the round's seeded order; sl: clients in the round's order, each
+over its whole shard, one update per batch. Parts that draw random numbers (dropout) run per client
+chunk under the same per-(round, step, client, part) seeds the SFL ranks use; the others run on the
+whole concatenated batch. Where a variant is single-model SGD (docs/design.md lists when), its run
+must land on this model to float32 round-off (the exactness property).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import nn
 from . import data, models
 from .errors import UserError
 from .layout import pick_device, set_threads
+from .models import Part
 from .outputs import RunWriter, evaluate
 
 
@@ -36,30 +40,28 @@ def run(cfg) -> dict:
     set_threads(cfg.run.threads, 1)
     train, test = data.load(cfg, "train"), data.load(cfg, "test")
     shards = data.partition(train.y.numpy(), cfg.train.clients, cfg)
-    seed, split = cfg.run.seed, cfg.model.split
+    seed = cfg.run.seed
     model = models.build(cfg.model.name, seed).to(device).train()
     if cfg.model.freeze_encoder:
         model.encoder.requires_grad_(False)
-    server = models.server_part(model, split)
-    later = [(model.body if split == "u" else server, 1)] + ([(model.head, 2)] if split == "u" else [])
+    # The parts as the variant runs them, each seeded as its rank seeds it (label-sharing: the server
+    # runs body and head as one part).
+    parts = [(model.encoder, Part.ENCODER), (model.body, Part.BODY), (model.head, Part.HEAD)]
+    if cfg.split and not cfg.u_shape:
+        parts = [(model.encoder, Part.ENCODER), (models.server_part(model, False), Part.BODY)]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                           lr=cfg.train.lr, momentum=cfg.train.momentum)
     writer = RunWriter(cfg, cfg.train.rounds, "baseline")
-    total = sum(len(s) for s in shards)
-    train_seconds = 0.0
+    train_seconds, samples = 0.0, 0
     for rnd in range(cfg.train.rounds):
         t0 = time.perf_counter()
-        plan = data.round_batches(shards, cfg.train.batch_size, seed, rnd)
-        steps = max(len(b) for b in plan.values())
+        plan = data.RoundPlan.make(shards, cfg.train.batch_size, seed, rnd, cfg.train.clients_per_round)
         loss_sum = 0.0
-        for step in range(steps):
-            active = [i for i in range(len(shards)) if step < len(plan[i])]
-            idx = torch.cat([torch.from_numpy(plan[i][step]) for i in active])
-            x, y = train.x[idx].to(device), train.y[idx].to(device)
-            sizes = [len(plan[i][step]) for i in active]
-            out = _forward_part(model.encoder, x, sizes, active, seed, rnd, step, 0)
-            for part, tag in later:
-                out = _forward_part(part, out, sizes, active, seed, rnd, step, tag)
+        for update in schedule(cfg, plan):
+            idx = torch.cat([torch.from_numpy(plan.batches[c][step]) for c, step in update])
+            out, y = train.x[idx].to(device), train.y[idx].to(device)
+            for part, tag in parts:
+                out = _forward_part(part, tag, out, update, plan, seed)
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
@@ -67,21 +69,31 @@ def run(cfg) -> dict:
             loss_sum += loss.item() * len(y)
         seconds = time.perf_counter() - t0
         train_seconds += seconds
+        samples += plan.samples
         test_loss, test_acc = evaluate(model, test.x, test.y, device)
-        writer.round({"round": rnd, "rounds": cfg.train.rounds, "train_loss": loss_sum / total,
+        writer.round({"round": rnd, "rounds": cfg.train.rounds, "train_loss": loss_sum / plan.samples,
                       "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
-                      "samples": total}, model)
-    return writer.finish({"mode": "baseline", "seconds": round(train_seconds, 3), "ranks": 1,
-                                 "train_samples_per_s": total * cfg.train.rounds / train_seconds})
+                      "samples": plan.samples, "clients_trained": len(plan.batches)}, model)
+    return writer.finish({"mode": "baseline", "variant": cfg.sfl.variant, "seconds": round(train_seconds, 3),
+                          "ranks": 1, "train_samples_per_s": samples / train_seconds})
 
 
-def _forward_part(part: nn.Module, x: torch.Tensor, sizes: list[int], clients: list[int],
-                  seed: int, rnd: int, step: int, tag: int) -> torch.Tensor:
+def schedule(cfg, plan: data.RoundPlan) -> list[list[tuple[int, int]]]:
+    """One round's updates, each a list of (logical client, step) batches trained together."""
+    if cfg.sfl.variant == "sl":
+        return [[(c, t)] for c in plan.order for t in range(len(plan.batches[c]))]
+    if cfg.sfl.variant == "v2":
+        return [[(c, t)] for t in range(plan.steps) for c in plan.order if plan.batch_len(c, t)]
+    return [[(c, t) for c in plan.active(t)] for t in range(plan.steps)]
+
+
+def _forward_part(part: nn.Module, tag: Part, x: torch.Tensor, update: list[tuple[int, int]],
+                  plan: data.RoundPlan, seed: int) -> torch.Tensor:
     """`part` on the concatenated batch, or per client chunk under the SFL seeds if it draws randoms."""
     if not models.uses_rng(part):
         return part(x)
     outs = []
-    for chunk, cid in zip(torch.split(x, sizes), clients):
-        torch.manual_seed(models.batch_seed(seed, rnd, step, cid, tag))
+    for chunk, (cid, step) in zip(torch.split(x, [plan.batch_len(c, t) for c, t in update]), update):
+        torch.manual_seed(models.batch_seed(seed, plan.rnd, step, cid, tag))
         outs.append(part(chunk))
     return torch.cat(outs)

@@ -1,13 +1,15 @@
-"""Command line: `mpi-sfl train|baseline [CONFIG.toml] [--set section.key=value ...]`.
+"""Command line: `mpi-sfl train|baseline [CONFIG.toml] [--set section.key=value ...]`, `mpi-sfl plot`.
 
     mpiexec -n 4 python -m mpi4py -m mpi_sfl train            # the default job
     mpi-sfl baseline runs/default/config.toml                 # its single-process reference
+    mpi-sfl plot runs/default runs/baseline                   # their curves, as a PNG
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError
 
@@ -21,15 +23,23 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help="TOML config (default: the packaged default.toml)")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value; repeatable")
+    s = sub.add_parser("plot", help="loss and accuracy curves of finished runs (PNG)",
+                       description="loss and accuracy curves from the metrics.jsonl of one or more runs")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's out_dir (holds metrics.jsonl)")
+    s.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png of the first run)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.command == "baseline":
-        from . import baseline, config
+    if args.command in ("baseline", "plot"):
         try:
-            baseline.run(config.load(args.config, args.overrides))
+            if args.command == "baseline":
+                from . import baseline, config
+                baseline.run(config.load(args.config, args.overrides))
+            else:
+                from . import plot
+                print(plot.plot(args.runs, args.out or str(Path(args.runs[0]) / "curves.png")))
         except UserError as exc:
             print(f"mpi-sfl: error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)

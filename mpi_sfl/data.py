@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import urllib.request
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,51 @@ def round_batches(shards: list[np.ndarray], batch_size: int, seed: int, rnd: int
         order = shard[np.random.default_rng([seed, rnd, i, 15485863]).permutation(len(shard))]
         out[i] = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     return out
+
+
+def sampled_clients(clients: int, per_round: int, seed: int, rnd: int) -> list[int]:
+    """The logical clients that train in round `rnd`: all, or a seeded subset of `per_round`."""
+    if not per_round or per_round >= clients:
+        return list(range(clients))
+    return sorted(int(c) for c in np.random.default_rng([seed, rnd, 32452843]).choice(clients, per_round, replace=False))
+
+
+def client_order(ids: list[int], seed: int, rnd: int) -> list[int]:
+    """The seeded order in which v2 serves a step's clients and sl relays its model, new each round."""
+    return [ids[i] for i in np.random.default_rng([seed, rnd, 49979687]).permutation(len(ids))]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who trains in a round, on which samples, in which order. Every rank computes the same plan.
+
+    `batches[c][t]` are the sample indices logical client c trains on in step t; only the round's
+    sampled clients have an entry. `order` is the round's seeded serving/relay order (v2, sl).
+    """
+    rnd: int
+    batches: dict[int, list[np.ndarray]]
+    order: list[int]
+
+    @classmethod
+    def make(cls, shards: list[np.ndarray], batch_size: int, seed: int, rnd: int, per_round: int = 0) -> "RoundPlan":
+        ids = sampled_clients(len(shards), per_round, seed, rnd)
+        return cls(rnd, round_batches(shards, batch_size, seed, rnd, ids), client_order(ids, seed, rnd))
+
+    @cached_property
+    def steps(self) -> int:
+        """Steps in the round: until the largest sampled shard is used up (smaller ones drop out)."""
+        return max(len(b) for b in self.batches.values())
+
+    @cached_property
+    def samples(self) -> int:
+        return sum(len(b) for bs in self.batches.values() for b in bs)
+
+    def batch_len(self, client: int, step: int) -> int:
+        """Samples logical client `client` trains on in `step` (0 if it has none)."""
+        bs = self.batches.get(client)
+        return len(bs[step]) if bs is not None and step < len(bs) else 0
+
+    def active(self, step: int, among: list[int] | None = None) -> list[int]:
+        """The clients (of `among`, default all) with a batch in `step`, in id order."""
+        ids = self.batches if among is None else among
+        return sorted(c for c in ids if self.batch_len(c, step))

@@ -1,8 +1,8 @@
 """Who does what: rank -> role, logical clients -> client ranks -> split servers, and devices.
 
-Rank 0 is the fed server, ranks 1..S the split servers, the rest client ranks. Logical clients are
-dealt to client ranks in contiguous blocks (5 clients on 2 ranks: 3 and 2), client ranks to split
-servers round-robin.
+Rank 0 is the fed server, ranks 1..S the split servers (none for the unsplit fl variant), the rest
+client ranks. Logical clients are dealt to client ranks in contiguous blocks (5 clients on 2 ranks:
+3 and 2), client ranks to split servers round-robin.
 """
 from __future__ import annotations
 
@@ -32,10 +32,16 @@ class Layout:
         if client_ranks < 1:
             raise UserError(f"{world} ranks leave no client rank (1 fed server + {servers} split "
                             f"server(s)); run with mpiexec -n {servers + 2} or more")
+        if servers > client_ranks:
+            raise UserError(f"{servers} split servers for {client_ranks} client rank(s) would leave "
+                            f"servers idle; run with mpiexec -n {2 * servers + 1} or more, or lower sfl.servers")
         clients = cfg.train.clients or client_ranks
         if clients < client_ranks:
             raise UserError(f"{world} ranks give {client_ranks} client ranks but train.clients = "
                             f"{clients}; run with mpiexec -n {1 + servers + clients} or raise train.clients")
+        if cfg.train.clients_per_round > clients:
+            raise UserError(f"train.clients_per_round = {cfg.train.clients_per_round} exceeds the "
+                            f"{clients} logical clients")
         return cls(world, servers, clients)
 
     @property
@@ -46,6 +52,11 @@ class Layout:
     def server_ranks(self) -> list[int]:
         return list(range(1, 1 + self.servers))
 
+    @property
+    def first_server(self) -> int:
+        """The split server that reports the server part of the global model."""
+        return self.server_ranks[0]
+
     def role(self, rank: int) -> int:
         return FED if rank == 0 else SERVER if rank <= self.servers else CLIENT
 
@@ -53,6 +64,10 @@ class Layout:
         """Logical client ids hosted by a client rank."""
         blocks = np.array_split(np.arange(self.clients), len(self.client_ranks))
         return [int(c) for c in blocks[rank - 1 - self.servers]]
+
+    def rank_of(self, client: int) -> int:
+        """The client rank that hosts logical client `client`."""
+        return next(r for r in self.client_ranks if client in self.clients_of(r))
 
     def server_of(self, rank: int) -> int:
         return self.server_ranks[(rank - 1 - self.servers) % self.servers]

@@ -6,6 +6,8 @@ Label-sharing split: client = encoder, server = body + head. The global model is
 """
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 from torch import nn
 
@@ -57,13 +59,22 @@ def build(name: str, seed: int) -> Parts:
     return MODELS[name]()
 
 
-def server_part(model: Parts, split: str) -> nn.Module:
-    return model.body if split == "u" else nn.Sequential(model.body, model.head)
+class Part(IntEnum):
+    """Which part a forward runs: one of the numbers a batch's dropout seed is drawn from."""
+    ENCODER = 0
+    BODY = 1
+    HEAD = 2
 
 
-def client_parts(model: Parts, split: str) -> list[nn.Module]:
-    """The modules a client trains: encoder (+ head for the U-shape)."""
-    return [model.encoder, model.head] if split == "u" else [model.encoder]
+def server_part(model: Parts, u_shape: bool) -> nn.Module:
+    return model.body if u_shape else nn.Sequential(model.body, model.head)
+
+
+def client_parts(model: Parts, u_shape: bool, split: bool = True) -> list[nn.Module]:
+    """The modules a client trains: encoder (+ head for the U-shape); all three when not split (fl)."""
+    if not split:
+        return [model.encoder, model.body, model.head]
+    return [model.encoder, model.head] if u_shape else [model.encoder]
 
 
 def uses_rng(module: nn.Module) -> bool:
@@ -71,7 +82,7 @@ def uses_rng(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
 
 
-def batch_seed(seed: int, rnd: int, step: int, client: int, part: int) -> int:
+def batch_seed(seed: int, rnd: int, step: int, client: int, part: Part) -> int:
     """The RNG seed for one part's forward of one client's batch.
 
     Seeding each (round, step, client, part) forward makes dropout masks independent of arrival

@@ -32,14 +32,14 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
 
 
 def role_rows(stats: np.ndarray) -> dict:
-    """Per-role totals from the gathered per-rank stats rows (job.STATS_LEN columns)."""
+    """Per-role totals from the gathered per-rank stats rows (job.STATS)."""
     out = {}
     for code, name in ROLE_NAMES.items():
-        rows = stats[stats[:, 0] == code]
+        rows = stats[stats["role"] == code]
         if len(rows):
-            out[name] = {"ranks": int(len(rows)), "bytes_sent": int(rows[:, 3].sum()),
-                         "peak_rss_mb": round(float(rows[:, 4].max()) / 2**20, 1),
-                         "seconds": {p: round(float(rows[:, 6 + i].max()), 4) for i, p in enumerate(PHASES)}}
+            out[name] = {"ranks": int(len(rows)), "bytes_sent": int(rows["bytes_sent"].sum()),
+                         "peak_rss_mb": round(float(rows["peak_rss"].max()) / 2**20, 1),
+                         "seconds": {p: round(float(rows["phases"][:, i].max()), 4) for i, p in enumerate(PHASES)}}
     return out
 
 

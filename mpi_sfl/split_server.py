@@ -1,149 +1,257 @@
-"""The split server: runs f_s for its clients, one averaged update per step (the sync variant).
+"""The split server: runs f_s for the logical clients of its client ranks.
 
-Per step it expects, from each of its client ranks, one activation per active logical client and
-(U-shape) one delta per activation. It posts a receive per client rank and kind and serves whichever
-message is ready. It keeps no autograd graph between a forward and its backward unless
-sfl.state = "graph" (see state.py). Gradients are accumulated sample-weighted into one flat buffer,
-Allreduced across split-server replicas with the step's sample count, and applied once.
+It keeps no autograd graph between a forward and its backward unless sfl.state = "graph"
+(state.py). What it does with a batch's gradient depends on the variant:
+- sync: accumulate it, sample-weighted, into one flat buffer; once every client of the step is in,
+  Allreduce that buffer (and the sample count) across split-server replicas and take one step;
+- v1:   step the server-part copy of that logical client at once; the copies are averaged,
+        sample-weighted, on the client parts' schedule (and across split servers);
+- v2:   step the one server part at once; a step's clients are served one after another, in the
+        round's seeded order, so each forward sees the previous client's update;
+- sl:   as v2, but one logical client at a time over its whole shard.
+sync and v1 forward an activation as soon as it arrives and apply backwards in logical-client
+order, so that runs are bit-reproducible whatever the arrival order.
 """
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
+from torch import nn
 
-from . import models
-from .aggregation import attach_flat_grads, host
+from . import data, models
+from .aggregation import attach_flat_grads, flatten_params, host
+from .config import Config
 from .job import WEIGHTS_TAG, Job
 from .layout import SERVER
+from .models import Part
 from .state import make_state
 from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, polite_wait
 
 
-def run(job: Job) -> None:
-    cfg = job.cfg
-    u_shape = cfg.model.split == "u"
-    grad_input = not cfg.model.freeze_encoder
-    seed = cfg.run.seed
-    model = models.build(cfg.model.name, seed)
-    body = models.server_part(model, cfg.model.split).to(job.device).train()
-    params = list(body.parameters())
-    gflat = attach_flat_grads(params, job.device)
-    opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
-    state = make_state(cfg.sfl.state, body, grad_input, job.scratch, job.device)
-    mine = {r: job.layout.clients_of(r) for r in job.layout.client_ranks_of(job.rank)}  # fixed for the run
-    loss_sum = samples = 0.0
-    try:
-        for rnd in range(cfg.train.rounds):
-            t0 = MPI.Wtime()
-            for step in range(job.steps):
-                expected = {r: [c for c in cs if job.batch_len(c, step)] for r, cs in mine.items()}
-                gflat.zero_()
-                if u_shape:
-                    serve_u_step(job, state, expected, rnd, step, gflat, grad_input)
-                else:
-                    ls = serve_label_step(job, body, params, expected, rnd, step, gflat, grad_input)
-                    loss_sum += ls
-                apply_update(job, gflat, params, opt)
-                samples += sum(job.batch_len(c, step) for cs in expected.values() for c in cs)
-            if job.rank == 1:  # the server part of the global model, for the fed server's evaluation
-                weights = host(torch.nn.utils.parameters_to_vector(params))
-                polite_wait(job.comm.Isend(weights, dest=0, tag=WEIGHTS_TAG))
-            job.gather_stats(job.stats(SERVER, loss_sum, samples if not u_shape else 0.0,
-                                       job.transport.bytes_sent, MPI.Wtime() - t0))
-            loss_sum = samples = 0.0
-    finally:
-        state.close()
-        if job.scratch is not None:
-            shutil.rmtree(job.scratch, ignore_errors=True)
+@dataclass
+class ServerPart:
+    """One copy of f_s with its optimizer; its weights and gradients are views of two flat buffers
+    (each with a spare last slot: the averaging weight, the step's sample count)."""
+    module: nn.Module
+    flat: torch.Tensor
+    grad: torch.Tensor
+    opt: torch.optim.Optimizer
+    trained: int = 0  # samples since the last averaging (v1)
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device) -> "ServerPart":
+        module = models.server_part(models.build(cfg.model.name, cfg.run.seed), cfg.u_shape).to(device).train()
+        params = list(module.parameters())
+        flat = flatten_params([module], device)
+        grad = attach_flat_grads(params, device)
+        return cls(module, flat, grad, torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum))
+
+    def add_grads(self, grads: list[torch.Tensor], weight: int) -> None:
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            self.grad[offset:offset + n].add_(g.reshape(-1), alpha=weight)
+            offset += n
+        self.grad[-1] += weight
+
+    def step_on(self, grads: list[torch.Tensor], samples: int) -> None:
+        """One optimizer step on one batch's (mean-loss) gradient."""
+        self.grad.zero_()
+        self.add_grads(grads, 1)
+        self.opt.step()
+        self.trained += samples
 
 
-def serve_u_step(job: Job, state, expected, rnd: int, step: int, gflat: torch.Tensor, grad_input: bool) -> None:
-    """U-shape: forward each activation as it arrives; backward the deltas in client order.
+class SplitServer:
+    def __init__(self, job: Job, scratch: Path | None):
+        cfg = self.cfg = job.cfg
+        self.job, self.scratch = job, scratch
+        self.main = ServerPart.build(cfg, job.device)
+        self.copies: dict[int, ServerPart] = {}  # v1: one per logical client served, made lazily
+        self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device)
+        self.rank_of = {c: r for r in job.layout.client_ranks_of(job.rank) for c in job.layout.clients_of(r)}
+        self.loss_sum, self.samples = 0.0, 0
 
-    Forwards go as soon as an activation is ready. Backwards are applied in logical-client order
-    (an early delta waits for its turn) so the gradient sum has the same rounding in every run:
-    same seed, same config, bit-identical results, whatever the arrival order.
-    """
-    seed = job.cfg.run.seed
-    inbox = Inbox(job.transport, {(src, kind): len(cs) for src, cs in expected.items() for kind in (ACT, DELTA)})
-    order = sorted(c for cs in expected.values() for c in cs)
-    waiting: dict[int, tuple[int, torch.Tensor]] = {}
-    count = 0.0
-    while inbox:
-        src, kind, header = inbox.next()
-        payload = job.transport.recv_payload(header, src)
-        client = int(header[3])
-        if kind == ACT:
-            with job.timers.phase("server_compute"):
-                z = state.forward((rnd, step, client), payload, models.batch_seed(seed, rnd, step, client, 1))
-            job.transport.isend(z, src, OUT, rnd, step, client)
-            continue
-        waiting[client] = (src, payload.clone())
-        while order and order[0] in waiting:
-            client = order.pop(0)
-            src, delta = waiting.pop(client)
-            with job.timers.phase("server_compute"):
-                grads, grad_h = state.backward((rnd, step, client), delta)
-                _accumulate(gflat, grads, delta.shape[0])
-                count += delta.shape[0]
-            if grad_input:
-                job.transport.isend(grad_h, src, GRAD_IN, rnd, step, client)
-    gflat[-1] = count
-    job.transport.wait_sends()
+    def run(self) -> None:
+        job, variant = self.job, self.cfg.sfl.variant
+        mine = sorted(self.rank_of)
+        try:
+            for rnd in range(self.cfg.train.rounds):
+                plan = job.plan(rnd)
+                t0 = MPI.Wtime()
+                if variant == "sl":
+                    for cid in (c for c in plan.order if c in self.rank_of):
+                        for step in range(len(plan.batches[cid])):
+                            self.serve_in_order(plan, step, [cid])
+                for step in range(plan.steps if variant != "sl" else 0):
+                    active = plan.active(step, mine)
+                    if variant == "v2":
+                        self.serve_in_order(plan, step, [c for c in plan.order if c in active])
+                        continue
+                    self.main.grad.zero_()
+                    self.serve_together(plan, step, active)
+                    if variant == "sync":
+                        self.apply_mean_update()
+                    elif job.aggregate_due(step, plan.steps):
+                        self.average_copies()
+                if job.rank == job.layout.first_server:  # the server part of the global model
+                    polite_wait(job.comm.Isend(host(self.main.flat[:-1]), dest=0, tag=WEIGHTS_TAG))
+                computes_loss = not self.cfg.u_shape
+                job.gather_stats(job.stats(SERVER, self.loss_sum, self.samples if computes_loss else 0,
+                                           job.transport.bytes_sent, MPI.Wtime() - t0))
+                self.loss_sum, self.samples = 0.0, 0
+        finally:
+            self.state.close()
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # -- which copy serves a client, and what a gradient does to it ----------------------------
+    def part_of(self, client: int) -> ServerPart:
+        if self.cfg.sfl.variant != "v1":
+            return self.main
+        part = self.copies.get(client)
+        if part is None:  # from the last average, with an optimizer state of its own
+            part = self.copies[client] = ServerPart.build(self.cfg, self.job.device)
+            part.flat.copy_(self.main.flat)
+        return part
+
+    def learn(self, client: int, grads: list[torch.Tensor], samples: int) -> None:
+        if self.cfg.sfl.variant == "sync":
+            self.main.add_grads(grads, samples)  # sample-weighted; applied once per step
+        else:
+            self.part_of(client).step_on(grads, samples)
+        self.samples += samples
+
+    def seed(self, plan: data.RoundPlan, step: int, client: int) -> int:
+        return models.batch_seed(self.cfg.run.seed, plan.rnd, step, client, Part.BODY)
+
+    # -- serving ----------------------------------------------------------------------------------
+    def serve_together(self, plan: data.RoundPlan, step: int, active: list[int]) -> None:
+        """sync, v1: forward each activation as it arrives; apply backwards in client order."""
+        t, u_shape = self.job.transport, self.cfg.u_shape
+        counts = self.counts(active)
+        kinds = (ACT, DELTA) if u_shape else (ACT,)
+        inbox = Inbox(t, {(src, kind): n for src, n in counts.items() for kind in kinds})
+        order, waiting = list(active), {}
+        while inbox:
+            src, header = inbox.next()
+            c, key = header.client, (plan.rnd, step, header.client)
+            if header.kind == ACT and u_shape:
+                h = t.recv_payload(header, src)
+                with self.job.timers.phase("server_compute"):
+                    z = self.state.forward(key, self.part_of(c).module, h, self.seed(plan, step, c))
+                t.isend(z, src, OUT, plan.rnd, step, c)
+                continue
+            waiting[c] = self.receive_rest(header, src)
+            while order and order[0] in waiting:
+                c = order.pop(0)
+                self.backward(plan, step, c, waiting.pop(c))
+        t.wait_sends()
+
+    def serve_in_order(self, plan: data.RoundPlan, step: int, clients: list[int]) -> None:
+        """v2, sl: one client after another in the given order; each forward sees the update of
+        the one before. Activations that arrive before their turn wait in memory."""
+        t = self.job.transport
+        counts = self.counts(clients)
+        kinds = (ACT, DELTA) if self.cfg.u_shape else (ACT,)
+        inbox = Inbox(t, {(src, kind): n for src, n in counts.items() for kind in kinds})
+        arrived: dict[tuple[int, int], object] = {}
+
+        def take(kind: int, client: int):
+            while (kind, client) not in arrived:
+                src, header = inbox.next()
+                arrived[(header.kind, header.client)] = self.receive_rest(header, src)
+            return arrived.pop((kind, client))
+
+        for c in clients:
+            key = (plan.rnd, step, c)
+            if self.cfg.u_shape:
+                h = take(ACT, c)
+                with self.job.timers.phase("server_compute"):
+                    z = self.state.forward(key, self.main.module, h, self.seed(plan, step, c))
+                t.isend(z, self.rank_of[c], OUT, plan.rnd, step, c)
+                self.backward(plan, step, c, take(DELTA, c))
+            else:
+                self.backward(plan, step, c, take(ACT, c))
+        t.wait_sends()
+
+    def counts(self, clients: list[int]) -> dict[int, int]:
+        """Messages of each kind due from each client rank."""
+        out: dict[int, int] = {}
+        for c in clients:
+            out[self.rank_of[c]] = out.get(self.rank_of[c], 0) + 1
+        return out
+
+    def receive_rest(self, header, src: int):
+        """A message's payload, kept: U-shape the delta (or h), label-sharing h with its labels."""
+        payload = self.job.transport.recv_payload(header, src).clone()
+        if self.cfg.u_shape:
+            return payload
+        _, y = self.job.transport.recv(src, LABELS)
+        return payload, y.clone()
+
+    def backward(self, plan: data.RoundPlan, step: int, client: int, received) -> None:
+        """Finish one client's batch: its gradient to `learn`, dl/dh back to the client.
+
+        U-shape: `received` is delta = dl/dz; the state recomputes the forward (or keeps its graph).
+        Label-sharing: `received` is (h, labels); forward, loss and backward happen here.
+        """
+        key, part = (plan.rnd, step, client), self.part_of(client)
+        with self.job.timers.phase("server_compute"):
+            if self.cfg.u_shape:
+                grads, grad_h = self.state.backward(key, part.module, received)
+                samples = received.shape[0]
+            else:
+                h, y = received
+                h.requires_grad_(self.cfg.grad_input)
+                params = [p for p in part.module.parameters()]
+                torch.manual_seed(self.seed(plan, step, client))
+                loss = F.cross_entropy(part.module(h), y)
+                out = torch.autograd.grad(loss, params + ([h] if self.cfg.grad_input else []))
+                grads, grad_h = list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None)
+                samples = h.shape[0]
+                self.loss_sum += loss.item() * samples
+            self.learn(client, grads, samples)
+        if self.cfg.grad_input:
+            self.job.transport.isend(grad_h, self.rank_of[client], GRAD_IN, plan.rnd, step, client)
+
+    # -- updates across split servers -----------------------------------------------------------
+    def apply_mean_update(self) -> None:
+        """sync: sum the replicas' sample-weighted gradients and counts, divide, step once."""
+        grad = self.main.grad
+        self.allreduce(grad)
+        with self.job.timers.phase("server_compute"):
+            if grad[-1] > 0:
+                grad[:-1].div_(grad[-1])
+                self.main.opt.step()
+
+    def average_copies(self) -> None:
+        """v1: the copies' sample-weighted average (over every split server) becomes every copy."""
+        acc = torch.zeros_like(self.main.flat)
+        for part in (self.copies[c] for c in sorted(self.copies)):  # a fixed sum order: same bits every run
+            acc[:-1].add_(part.flat[:-1], alpha=float(part.trained))
+            acc[-1] += part.trained
+            part.trained = 0
+        self.allreduce(acc)
+        if acc[-1] > 0:
+            self.main.flat[:-1].copy_(acc[:-1] / acc[-1])
+            for part in self.copies.values():
+                part.flat[:-1].copy_(self.main.flat[:-1])
+
+    def allreduce(self, buf: torch.Tensor) -> None:
+        if self.job.layout.servers == 1:
+            return
+        with self.job.timers.phase("aggregation"):
+            flat = host(buf)
+            polite_wait(self.job.servers_comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM))
+            if buf.device.type != "cpu":
+                buf.copy_(torch.from_numpy(flat))
 
 
-def serve_label_step(job: Job, body, params, expected, rnd: int, step: int, gflat: torch.Tensor,
-                     grad_input: bool) -> float:
-    """Label-sharing: activation and labels arrive together; forward, loss and backward, in client
-    order (see serve_u_step) so that runs are bit-reproducible."""
-    seed = job.cfg.run.seed
-    inbox = Inbox(job.transport, {(src, ACT): len(cs) for src, cs in expected.items()})
-    order = sorted(c for cs in expected.values() for c in cs)
-    waiting: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-    count = loss_sum = 0.0
-    while inbox:
-        src, _, header = inbox.next()
-        h = job.transport.recv_payload(header, src).clone()
-        _, y = job.transport.recv(src, LABELS)
-        waiting[int(header[3])] = (src, h, y.clone())
-        while order and order[0] in waiting:
-            client = order.pop(0)
-            src, h, y = waiting.pop(client)
-            with job.timers.phase("server_compute"):
-                h.requires_grad_(grad_input)
-                torch.manual_seed(models.batch_seed(seed, rnd, step, client, 1))
-                loss = F.cross_entropy(body(h), y)
-                grads = torch.autograd.grad(loss, params + ([h] if grad_input else []))
-                _accumulate(gflat, grads[:len(params)], h.shape[0])
-                count += h.shape[0]
-                loss_sum += loss.item() * h.shape[0]
-            if grad_input:
-                job.transport.isend(grads[-1], src, GRAD_IN, rnd, step, client)
-    gflat[-1] = count
-    job.transport.wait_sends()
-    return loss_sum
-
-
-def _accumulate(gflat: torch.Tensor, grads, weight: int) -> None:
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        gflat[offset:offset + n].add_(g.reshape(-1), alpha=weight)
-        offset += n
-
-
-def apply_update(job: Job, gflat: torch.Tensor, params, opt: torch.optim.Optimizer) -> None:
-    """Sum the replicas' sample-weighted gradients and counts, divide, step: replicas stay identical."""
-    if job.layout.servers > 1:
-        with job.timers.phase("aggregation"):
-            data = host(gflat)
-            polite_wait(job.servers_comm.Iallreduce(MPI.IN_PLACE, data, op=MPI.SUM))
-            if gflat.device.type != "cpu":
-                gflat.copy_(torch.from_numpy(data))
-    with job.timers.phase("server_compute"):
-        if gflat[-1] > 0:
-            gflat[:-1].div_(gflat[-1])
-            opt.step()
+def run(job: Job, scratch: Path | None) -> None:
+    SplitServer(job, scratch).run()

@@ -20,35 +20,39 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .transport import DTYPE_CODE, DTYPES, as_buffer
+from .transport import ACT, HEADER_LEN, Header, as_buffer
 
 Key = tuple[int, int, int]  # (round, step, logical client)
 FILE_MAGIC = 0x5346_4C31  # "SFL1"
 
 
 class GraphState:
-    """Keeps z's graph; the baseline every other mode is compared against."""
+    """Keeps z's graph; the baseline every other mode is compared against.
 
-    def __init__(self, body: nn.Module, grad_input: bool):
-        self.body, self.grad_input = body, grad_input
-        self.params = [p for p in body.parameters() if p.requires_grad]
+    Every call names the server part it runs (`body`): sync, v2 and sl have one, v1 one per
+    logical client.
+    """
+
+    def __init__(self, grad_input: bool):
+        self.grad_input = grad_input
         self._kept: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, key: Key, h: torch.Tensor, seed: int) -> torch.Tensor:
+    def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
         h = h.clone().requires_grad_(self.grad_input)  # the received buffer is reused
         torch.manual_seed(seed)
-        z = self.body(h)
+        z = body(h)
         self._kept[key] = (h, z)
         return z.detach()
 
-    def backward(self, key: Key, delta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def backward(self, key: Key, body: nn.Module, delta: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         h, z = self._kept.pop(key)
-        return self._grads(z, h, delta)
+        return self._grads(body, z, h, delta)
 
-    def _grads(self, z, h, delta):
-        inputs = self.params + ([h] if self.grad_input else [])
-        grads = torch.autograd.grad(z, inputs, grad_outputs=delta)
-        return list(grads[:len(self.params)]), (grads[-1] if self.grad_input else None)
+    def _grads(self, body, z, h, delta):
+        params = [p for p in body.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(z, params + ([h] if self.grad_input else []), grad_outputs=delta)
+        return list(grads[:len(params)]), (grads[-1] if self.grad_input else None)
 
     def in_flight(self) -> int:
         return len(self._kept)
@@ -60,20 +64,21 @@ class GraphState:
 class MemoryState(GraphState):
     """Keeps the input only; recomputes the forward with autograd on when delta arrives."""
 
-    def forward(self, key: Key, h: torch.Tensor, seed: int) -> torch.Tensor:
+    def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
         with torch.no_grad():
             torch.manual_seed(seed)
-            z = self.body(h)
+            z = body(h)
         self._put(key, h, seed)
         return z
 
-    def backward(self, key: Key, delta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def backward(self, key: Key, body: nn.Module, delta: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         h, seed = self._take(key)
         h.requires_grad_(self.grad_input)
         with torch.enable_grad():
             torch.manual_seed(seed)
-            z = self.body(h)
-        return self._grads(z, h, delta)
+            z = body(h)
+        return self._grads(body, z, h, delta)
 
     def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
         self._kept[key] = (h.clone(), seed)
@@ -83,19 +88,22 @@ class MemoryState(GraphState):
 
 
 class FileState(MemoryState):
-    """Keeps the input in a UUID4-named file in scratch; RAM holds only key -> file name."""
+    """Keeps the input in a UUID4-named file in scratch; RAM holds only key -> file name.
 
-    def __init__(self, body: nn.Module, grad_input: bool, scratch: Path, device: torch.device):
-        super().__init__(body, grad_input)
+    A file is [magic, seed] as int64, the transport's 12-int64 header of h, then h's raw bytes.
+    """
+
+    def __init__(self, grad_input: bool, scratch: Path, device: torch.device):
+        super().__init__(grad_input)
         self.scratch, self.device = scratch, device
         self._names: dict[Key, str] = {}
 
     def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
         name = uuid.uuid4().hex
         t = h.detach().to("cpu").contiguous()
-        header = np.array([FILE_MAGIC, seed, DTYPE_CODE[t.dtype], t.dim(), *t.shape], dtype=np.int64)
+        header = Header(ACT, *key, t.dtype, tuple(t.shape)).encode()
         with open(self.scratch / name, "wb") as f:
-            f.write(np.int64(len(header)).tobytes())
+            f.write(np.array([FILE_MAGIC, seed], dtype=np.int64).tobytes())
             f.write(header.tobytes())
             f.write(memoryview(as_buffer(t)).cast("B"))
         self._names[key] = name
@@ -104,14 +112,12 @@ class FileState(MemoryState):
         path = self.scratch / self._names.pop(key)  # only names this server made become paths
         raw = path.read_bytes()
         path.unlink()
-        n = int(np.frombuffer(raw, np.int64, 1)[0])
-        header = np.frombuffer(raw, np.int64, n, offset=8)
-        if header[0] != FILE_MAGIC:
+        magic, seed = (int(v) for v in np.frombuffer(raw, np.int64, 2))
+        if magic != FILE_MAGIC:
             raise RuntimeError(f"scratch file {path} is not an mpi_sfl activation file")
-        seed, dtype, ndim = int(header[1]), DTYPES[int(header[2])], int(header[3])
-        shape = tuple(int(s) for s in header[4:4 + ndim])
-        flat = torch.frombuffer(bytearray(raw[8 + 8 * n:]), dtype=dtype)
-        return flat.reshape(shape).to(self.device), seed
+        header = Header.decode(np.frombuffer(raw, np.int64, HEADER_LEN, offset=16))
+        flat = torch.frombuffer(bytearray(raw[16 + 8 * HEADER_LEN:]), dtype=header.dtype)
+        return flat.reshape(header.shape).to(self.device), seed
 
     def in_flight(self) -> int:
         return len(self._names)
@@ -122,12 +128,12 @@ class FileState(MemoryState):
         self._names.clear()
 
 
-def make_state(mode: str, body: nn.Module, grad_input: bool, scratch: Path | None, device: torch.device):
+def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.device):
     if mode == "graph":
-        return GraphState(body, grad_input)
+        return GraphState(grad_input)
     if mode == "memory":
-        return MemoryState(body, grad_input)
-    return FileState(body, grad_input, scratch, device)
+        return MemoryState(grad_input)
+    return FileState(grad_input, scratch, device)
 
 
 # -- scratch directory ------------------------------------------------------------------------

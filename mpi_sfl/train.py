@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from . import client, config, data, fed_server, split_server
 from .errors import fail_together
-from .job import Job, make_comms
+from .job import Job
 from .layout import CLIENT, FED, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
 from .state import make_scratch
 from .transport import polite_wait, set_wait_mode
@@ -42,17 +42,20 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
         device = pick_device(cfg.run.device, local)
         set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
-        job = Job(cfg, layout, comm, device, data.partition(labels, layout.clients, cfg))
+        shards = data.partition(labels, layout.clients, cfg)
         if role == CLIENT:
-            job.train = data.load(cfg, "train")
-        if role == FED:
-            job.test = data.load(cfg, "test")
-        if role == SERVER and cfg.sfl.state == "file":
-            job.scratch = make_scratch(cfg.run.scratch_dir,
-                                       f"{os.environ.get('SLURM_JOB_ID', 'local')}-r{comm.rank}")
-        return job
+            resource = data.load(cfg, "train")
+        elif role == FED:
+            resource = data.load(cfg, "test")
+        elif cfg.sfl.state == "file":
+            resource = make_scratch(cfg.run.scratch_dir, f"{os.environ.get('SLURM_JOB_ID', 'local')}-r{comm.rank}")
+        else:
+            resource = None
+        return device, shards, resource
 
-    job = fail_together(comm, load)
-    make_comms(job)
-    {FED: fed_server.run, SERVER: split_server.run, CLIENT: client.run}[role](job)
+    device, shards, resource = fail_together(comm, load)
+    job = Job(cfg, layout, comm, device, shards)
+    # Each role gets what only it uses: clients the training set, the fed server the test set, a
+    # split server its scratch dir (file state).
+    {FED: fed_server.run, SERVER: split_server.run, CLIENT: client.run}[role](job, resource)
     polite_wait(comm.Ibarrier())  # nobody exits before rank 0 has written the results

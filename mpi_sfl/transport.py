@@ -13,7 +13,7 @@ A payload is received with a plain blocking Recv: it is already on its way behin
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,29 @@ MAX_DIMS = 4
 DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 NUMPY_VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bits as int16
+
+
+class Header(NamedTuple):
+    """What a payload is: the fixed int64 header that precedes it on the wire, by name."""
+    kind: int
+    rnd: int
+    step: int
+    client: int   # logical client
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def encode(self) -> np.ndarray:
+        if len(self.shape) > MAX_DIMS:
+            raise ValueError(f"transport carries at most {MAX_DIMS} dims, got {self.shape}")
+        raw = np.zeros(HEADER_LEN, dtype=np.int64)
+        raw[:6] = (self.kind, self.rnd, self.step, self.client, DTYPE_CODE[self.dtype], len(self.shape))
+        raw[6:6 + len(self.shape)] = self.shape
+        return raw
+
+    @classmethod
+    def decode(cls, raw: np.ndarray) -> "Header":
+        kind, rnd, step, client, dtype, ndim = (int(v) for v in raw[:6])
+        return cls(kind, rnd, step, client, DTYPES[dtype], tuple(int(d) for d in raw[6:6 + ndim]))
 
 
 _poll = True  # set by set_wait_mode at start-up
@@ -91,11 +114,7 @@ class Transport:
         if t.device.type != "cpu":
             t = t.to("cpu")  # host staging; the copy synchronizes with the producing stream
         t = t.contiguous()
-        if t.dim() > MAX_DIMS:
-            raise ValueError(f"transport carries at most {MAX_DIMS} dims, got {tuple(t.shape)}")
-        header = np.zeros(HEADER_LEN, dtype=np.int64)
-        header[:6] = (kind, rnd, step, client, DTYPE_CODE[t.dtype], t.dim())
-        header[6:6 + t.dim()] = t.shape
+        header = Header(kind, rnd, step, client, t.dtype, tuple(t.shape)).encode()
         payload = as_buffer(t)
         reqs = [self.comm.Isend(header, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
         self.bytes_sent += header.nbytes + payload.nbytes
@@ -120,29 +139,28 @@ class Transport:
         header = np.empty(HEADER_LEN, dtype=np.int64)
         return self.comm.Irecv(header, source, tag=2 * kind), header
 
-    def recv_payload(self, header: np.ndarray, source: int) -> torch.Tensor:
+    def recv_payload(self, header: Header, source: int) -> torch.Tensor:
         """The payload announced by `header`, in a reused buffer of its shape, on this rank's device.
 
         The tensor stays valid until the next payload of the same kind and shape arrives: copy it
         to keep it longer.
         """
-        kind, dtype, ndim = int(header[0]), DTYPES[int(header[4])], int(header[5])
-        shape = tuple(int(s) for s in header[6:6 + ndim])
-        key = (kind, shape, dtype)
+        key = (header.kind, header.shape, header.dtype)
         buf = self._pool.get(key)
         if buf is None:
-            buf = self._pool[key] = torch.empty(shape, dtype=dtype)
+            buf = self._pool[key] = torch.empty(header.shape, dtype=header.dtype)
         t0 = MPI.Wtime()
-        self.comm.Recv(as_buffer(buf), source, tag=2 * kind + 1)
+        self.comm.Recv(as_buffer(buf), source, tag=2 * header.kind + 1)
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
         return buf if self.device.type == "cpu" else buf.to(self.device)
 
-    def recv(self, source: int, kind: int) -> tuple[np.ndarray, torch.Tensor]:
+    def recv(self, source: int, kind: int) -> tuple[Header, torch.Tensor]:
         """Header and payload of the next `kind` message from `source` (MPI.ANY_SOURCE allowed)."""
         status = MPI.Status()
-        header = np.empty(HEADER_LEN, dtype=np.int64)
-        req = self.comm.Irecv(header, source, tag=2 * kind)
+        raw = np.empty(HEADER_LEN, dtype=np.int64)
+        req = self.comm.Irecv(raw, source, tag=2 * kind)
         self.wait(req, status)
+        header = Header.decode(raw)
         return header, self.recv_payload(header, status.Get_source())
 
     def wait(self, req: MPI.Request, status: MPI.Status | None = None) -> None:
@@ -171,8 +189,8 @@ class Inbox:
     def __len__(self) -> int:
         return sum(self.left.values())
 
-    def next(self) -> tuple[int, int, np.ndarray]:
-        """(source, kind, header) of the next message; receive its payload with recv_payload."""
+    def next(self) -> tuple[int, Header]:
+        """(source, header) of the next message; receive its payload with recv_payload."""
         t0 = MPI.Wtime()
         idx = polite_wait(self.reqs, any_=True)
         self.t.timers.add("p2p_wait", MPI.Wtime() - t0)
@@ -183,4 +201,4 @@ class Inbox:
             self.meta[idx] = (src, kind, new_header)
         else:
             self.reqs[idx] = MPI.REQUEST_NULL
-        return src, kind, header
+        return src, Header.decode(header)

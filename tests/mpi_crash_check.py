@@ -9,16 +9,16 @@ from mpi4py import MPI
 
 from mpi_sfl import client, train
 
-real_step = client.client_step
+real_step = client.ClientRank.split_step
 
 
-def failing_step(job, active, plan, train_set, server, rnd, step, split, frozen):
-    if rnd == 2 and step == 2 and job.rank == job.layout.client_ranks[0]:
+def failing_step(self, active, plan, step):
+    if plan.rnd == 2 and step == 2 and self.job.rank == self.job.layout.client_ranks[0]:
         raise RuntimeError("injected failure on a client rank")
-    return real_step(job, active, plan, train_set, server, rnd, step, split, frozen)
+    return real_step(self, active, plan, step)
 
 
-client.client_step = failing_step
+client.ClientRank.split_step = failing_step
 out, scratch = sys.argv[1], sys.argv[2]
 train.main(None, ['data.dataset="synthetic"', "data.train_samples=480", "data.test_samples=100",
                   "train.rounds=3", "train.batch_size=16", "train.clients=3", 'run.progress="none"',

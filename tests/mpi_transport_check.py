@@ -15,13 +15,13 @@ if comm.rank == 0:
         t.isend(x, 1, ACT, 0, i, 42)
         t.wait_sends()
         header, back = t.recv(1, OUT)
-        if not (back.dtype == x.dtype and torch.equal(back, x.contiguous())) or int(header[2]) != i:
+        if not (back.dtype == x.dtype and torch.equal(back, x.contiguous())) or header.step != i:
             print(f"MISMATCH case {i}", flush=True)
             sys.exit(1)
     print(f"OK {len(cases)} bytes_sent={t.bytes_sent}", flush=True)
 else:
     for i in range(len(cases)):
         header, x = t.recv(0, ACT)
-        assert int(header[3]) == 42
+        assert header.client == 42
         t.isend(x.clone(), 0, OUT, 0, i, 42)
         t.wait_sends()

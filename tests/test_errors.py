@@ -56,3 +56,14 @@ def test_srun_singletons_are_refused():
     """What srun without PMI looks like from inside: Slurm says 3 tasks, MPI sees another size."""
     run_fails(4, *sets(TINY), words="MPI sees 4 rank(s) but Slurm started 3 tasks",
               extra_env={"SLURM_NTASKS": "3", "SLURM_PROCID": "0"})
+
+
+def test_variant_combinations_that_make_no_sense():
+    run_fails(4, *sets(TINY + ["sfl.variant=\"fl\""]), words="set sfl.servers = 0")
+    run_fails(3, *sets(TINY + ["sfl.servers=0"]), words="sfl.servers = 0 is only for sfl.variant = 'fl'")
+    run_fails(5, *sets(TINY + ["sfl.variant=\"v2\"", "sfl.servers=2"]), words="set sfl.servers = 1")
+    run_fails(4, *sets(TINY + ["sfl.variant=\"sl\"", "train.clients_per_round=1"]),
+              words="sfl.variant = 'sl' relays one model")
+    run_fails(4, *sets(TINY + ["train.clients=3", "train.clients_per_round=5"]),
+              words="train.clients_per_round = 5 exceeds")
+    run_fails(5, *sets(TINY + ["sfl.servers=3"]), words="would leave servers idle")

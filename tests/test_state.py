@@ -20,12 +20,12 @@ def test_modes_agree_exactly_with_dropout(tmp_path, grad_input):
     delta = torch.randn(8, 128)
     results = {}
     for mode in ("graph", "memory", "file"):
-        st = make_state(mode, body, grad_input, scratch, torch.device("cpu"))
-        z1 = st.forward((0, 0, 1), h, seed=123)
-        z2 = st.forward((0, 0, 2), h, seed=456)   # a second batch in flight
+        st = make_state(mode, grad_input, scratch, torch.device("cpu"))
+        z1 = st.forward((0, 0, 1), body, h, seed=123)
+        z2 = st.forward((0, 0, 2), body, h, seed=456)   # a second batch in flight
         assert st.in_flight() == 2
-        grads, gh = st.backward((0, 0, 1), delta)
-        st.backward((0, 0, 2), delta)
+        grads, gh = st.backward((0, 0, 1), body, delta)
+        st.backward((0, 0, 2), body, delta)
         assert st.in_flight() == 0
         results[mode] = (z1, z2, grads, gh)
     z1, z2, grads, gh = results["graph"]
@@ -40,8 +40,8 @@ def test_modes_agree_exactly_with_dropout(tmp_path, grad_input):
 
 def test_file_state_keeps_tensors_out_of_ram(tmp_path):
     scratch = make_scratch(str(tmp_path), "t")
-    st = make_state("file", models.build("mlp", 0).body, True, scratch, torch.device("cpu"))
-    st.forward((0, 3, 7), torch.randn(4, 64), seed=1)
+    st = make_state("file", True, scratch, torch.device("cpu"))
+    st.forward((0, 3, 7), models.build("mlp", 0).body, torch.randn(4, 64), seed=1)
     files = [f for f in os.listdir(scratch) if f != OWNER_FILE]
     assert len(files) == 1 and len(files[0]) == 32 and int(files[0], 16) >= 0  # a uuid4 hex name
     assert all(isinstance(v, str) for v in st._names.values())
@@ -65,10 +65,10 @@ def test_scratch_is_private_and_stale_dirs_are_cleaned(tmp_path):
 
 def test_graph_state_retains_graph_memory_does_not():
     body = models.build("mlp", 0).body
-    g, m = GraphState(body, True), make_state("memory", body, True, None, torch.device("cpu"))
+    g, m = GraphState(True), make_state("memory", True, None, torch.device("cpu"))
     h = torch.randn(4, 64)
-    g.forward((0, 0, 0), h, 1)
-    m.forward((0, 0, 0), h, 1)
+    g.forward((0, 0, 0), body, h, 1)
+    m.forward((0, 0, 0), body, h, 1)
     kept_g, kept_m = g._kept[(0, 0, 0)], m._kept[(0, 0, 0)]
     assert kept_g[1].grad_fn is not None          # graph mode holds z with its graph
     assert isinstance(kept_m[1], int) and kept_m[0].grad_fn is None  # memory mode: input + seed only

@@ -1,0 +1,99 @@
+"""Each variant's defining property (derivations in docs/design.md, "Exactness, per variant").
+
+- v1 with per-step averaging is the baseline (large-batch SGD); for ANY averaging schedule, with
+  momentum, v1 is fl with the model cut: each client's part plus its own server copy is a full model
+  trained on that client alone, and both halves are averaged with the same weights.
+- v2 with one client is sequential SGD (the baseline); with several clients and nothing to train on
+  the client side, it is single-model SGD over the client batches in its seeded order.
+- sl with several clients (momentum on) is single-model sequential SGD over the relay order: weights
+  and optimizer state really travel between logical clients, locally and between ranks.
+- fl with per-step averaging is the baseline; client sampling draws the same clients everywhere.
+Each comparison is paired with a control showing the compared runs really differ from something,
+so the checks can fail.
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, baseline, load_model, max_diff, metrics, mpirun, ok, sets
+
+TOL = 2e-5  # float32 round-off after a few dozen steps; a real difference is orders larger
+COMMON = TINY + ["train.clients=3"]  # 3 logical clients on 2 client ranks (2 + 1) unless said otherwise
+
+
+def train(tmp_path, name: str, ranks: int, settings: list[str]) -> dict:
+    out = tmp_path / name
+    ok(mpirun(ranks, "train", *sets(COMMON + settings + [f'run.out_dir="{out}"'])))
+    return {"out": out, "model": load_model(out)}
+
+
+def reference(tmp_path, run: dict, *settings: str) -> dict:
+    """`mpi-sfl baseline` on the config that run wrote (optionally changed), i.e. its schedule."""
+    out = tmp_path / f"baseline-{run['out'].name}-{len(settings)}"
+    ok(baseline(str(run["out"] / "config.toml"), *sets(list(settings) + [f'run.out_dir="{out}"'])))
+    return load_model(out)
+
+
+def test_v1_with_per_step_averaging_is_the_baseline(tmp_path):
+    """Two split servers, each with copies for its clients, averaged across servers every step."""
+    run = train(tmp_path, "v1", 5, ["sfl.variant=\"v1\"", "train.aggregate_every=1", "model.name=\"cnn\"",
+                                    "sfl.servers=2", "sfl.state=\"file\""])
+    assert max_diff(run["model"], reference(tmp_path, run)) < TOL
+
+
+@pytest.mark.parametrize("case", [
+    ["model.name=\"cnn\"", "sfl.state=\"memory\"", "sfl.aggregation=\"decentralized\""],
+    ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"graph\"", "train.aggregate_every=4"],
+], ids=["cnn-u-memory-decentral-per-round", "mlp-label-graph-central-every4"])
+def test_v1_is_fl_with_the_model_cut(tmp_path, case):
+    both = ["train.momentum=0.9"] + case
+    v1 = train(tmp_path, "v1", 4, both + ["sfl.variant=\"v1\""])
+    fl = train(tmp_path, "fl", 3, both + ["sfl.variant=\"fl\"", "sfl.servers=0"])
+    assert max_diff(v1["model"], fl["model"]) < TOL
+    # control: local steps between averagings make it FedAvg, not SGD on the joint batch
+    assert max_diff(v1["model"], reference(tmp_path, v1)) > 100 * TOL
+
+
+def test_v2_with_one_client_is_the_baseline(tmp_path):
+    run = train(tmp_path, "v2", 3, ["sfl.variant=\"v2\"", "train.clients=1", "model.name=\"lenet5\"",
+                                    "train.momentum=0.9", "sfl.state=\"graph\""])
+    assert max_diff(run["model"], reference(tmp_path, run)) < TOL
+
+
+def test_v2_serves_clients_in_its_seeded_order(tmp_path):
+    """Label-sharing with a frozen encoder: only the server trains, once per client batch, in v2's
+    order; the baseline following that order matches, the one following sync's does not."""
+    run = train(tmp_path, "v2", 4, ["sfl.variant=\"v2\"", "model.name=\"mlp\"", "model.split=\"label-sharing\"",
+                                    "model.freeze_encoder=true", "sfl.aggregation=\"decentralized\""])
+    assert max_diff(run["model"], reference(tmp_path, run)) < TOL
+    assert max_diff(run["model"], reference(tmp_path, run, "sfl.variant=\"sync\"")) > 100 * TOL
+
+
+@pytest.mark.parametrize("case", [
+    ["model.name=\"cnn\"", "sfl.state=\"file\""],
+    ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"memory\"", "sfl.aggregation=\"decentralized\""],
+], ids=["cnn-u-file-dropout", "mlp-label-memory"])
+def test_sl_relays_one_model_through_the_clients(tmp_path, case):
+    run = train(tmp_path, "sl", 4, ["sfl.variant=\"sl\"", "train.momentum=0.9", "train.rounds=3"] + case)
+    assert max_diff(run["model"], reference(tmp_path, run)) < TOL
+    assert max_diff(run["model"], reference(tmp_path, run, "sfl.variant=\"sync\"")) > 100 * TOL
+    rows = metrics(run["out"])
+    assert rows[-1]["bytes_sent"]["client"] > 0 and all(r["clients_trained"] == 3 for r in rows)
+
+
+@pytest.mark.parametrize("aggregation", ["centralized", "decentralized"])
+def test_fl_with_per_step_averaging_is_the_baseline(tmp_path, aggregation):
+    run = train(tmp_path, "fl", 3, ["sfl.variant=\"fl\"", "sfl.servers=0", "train.aggregate_every=1",
+                                    "model.name=\"cnn\"", f"sfl.aggregation=\"{aggregation}\""])
+    assert max_diff(run["model"], reference(tmp_path, run)) < TOL
+    assert set(metrics(run["out"])[0]["bytes_sent"]) == {"fed_server", "client"}  # no split server
+
+
+def test_client_sampling(tmp_path):
+    """2 of 4 clients a round: the baseline drawing the same clients matches; others sat out."""
+    run = train(tmp_path, "sampled", 4, ["train.clients=4", "train.clients_per_round=2", "train.aggregate_every=1",
+                                         "train.rounds=3"])
+    assert max_diff(run["model"], reference(tmp_path, run)) < TOL
+    assert max_diff(run["model"], reference(tmp_path, run, "train.clients_per_round=0")) > 100 * TOL
+    rows = metrics(run["out"])
+    assert [r["clients_trained"] for r in rows] == [2, 2, 2] and all(r["samples"] < 240 for r in rows)
