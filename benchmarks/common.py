@@ -2,7 +2,10 @@
 
 Every launch goes through mpi_sfl.launcher: bounded twice (MPIEXEC_TIMEOUT for mpiexec,
 `timeout -k 10` around it), with this checkout as the working directory and first on PYTHONPATH
-(so the worktree's mpi_sfl is measured, not an installed copy), one at a time.
+(so the worktree's mpi_sfl and benchmarks are measured, not an installed copy), one at a time.
+MPI workers are modules of this package, launched as `-m benchmarks._NAME`.
+
+The suites import this module; it imports none of them.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ from mpi_sfl import launcher
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
+# Shared by the suites that train: a small synthetic job, and the split server's state modes.
+SYNTH = {"data.dataset": "synthetic", "data.test_samples": 100, "model.name": "cnn"}
+STATES = ("file", "memory", "graph")
+
 
 class BenchError(launcher.LaunchError):
     """A launched job failed; carries its command and output tail."""
@@ -34,7 +41,7 @@ def cores() -> int:
 
 
 def mpi(n: int, argv: list[str], limit: float = 240) -> subprocess.CompletedProcess:
-    """`mpiexec -n n python -m mpi4py ARGV...` (a script path, or -m module ...);
+    """`mpiexec -n n python -m mpi4py ARGV...` (-m benchmarks._worker ..., or -m mpi_sfl ...);
     mpiexec ends the job at `limit` seconds, `timeout` 15 s later. Raises BenchError if it fails."""
     try:
         return launcher.mpi(n, argv, limit, root=REPO, check=True)
@@ -70,9 +77,9 @@ def train(ranks: int, settings: dict, out_dir: Path, limit: float = 240) -> dict
 
 
 def train_grouped(ranks: int, jobs: list[tuple[dict, Path]], limit: float = 300) -> list[dict]:
-    """Independent SFL jobs of `ranks` ranks each, side by side in one launch (_group_train.py).
+    """Independent SFL jobs of `ranks` ranks each, side by side in one launch (benchmarks._group_train).
     Only for figures that concurrency does not change (per-process peak memory), never timings."""
-    argv = [str(HERE / "_group_train.py"), "--ranks", str(ranks)]
+    argv = ["-m", "benchmarks._group_train", "--ranks", str(ranks)]
     for settings, out_dir in jobs:
         full = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
         if any(";" in o for o in overrides(full)):

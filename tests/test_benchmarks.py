@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = REPO / "benchmarks" / "run.py"
 
 FIELDS = {
     "wire": ["wire_vs_raw_min_1mib", "wire_vs_pickle_1mib"],
@@ -31,7 +30,7 @@ MACHINE = ("hostname", "cores", "python", "torch", "mpi4py", "mpi_library", "dat
 
 def bench(suite: str, out: Path, *extra: str, timeout: float = 240) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(RUN), suite, "--tiny", "--out", str(out), *extra],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--tiny", "--out", str(out), *extra],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
     assert "summary:" in proc.stdout  # the readable table and summary were printed
