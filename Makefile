@@ -36,7 +36,7 @@ test: setup
 
 # Every benchmark suite, quick settings (drop --quick for the real measurement): runs/bench/*.json
 bench: setup
-	$(BIN)/python benchmarks/run.py all --quick $(ARGS)
+	$(BIN)/python -m benchmarks all --quick $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,6 @@
 """Aggregation benchmark worker: client-side FedAvg of one model's weights, three ways, two designs.
 
-    mpiexec -n 4 python -m mpi4py benchmarks/_aggregate.py --params 100000,1000000 --reps 5 --out agg.json
+    mpiexec -n 4 python -m mpi4py -m benchmarks._aggregate --params 100000,1000000 --reps 5 --out agg.json
 
 Designs (all ranks of COMM_WORLD take part):
 - centralized:   rank 0 is the fed server (Aggregator.average_at_root), the others are clients

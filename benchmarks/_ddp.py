@@ -1,6 +1,6 @@
 """DDP reference worker: torch DistributedDataParallel over gloo, the same unsplit model and data.
 
-    mpiexec -n N python -m mpi4py benchmarks/_ddp.py --set data.train_samples=4096 ... --out ddp.json
+    mpiexec -n N python -m mpi4py -m benchmarks._ddp --set data.train_samples=4096 ... --out ddp.json
 
 mpi4py only gives rank, size and the rendezvous port (rank 0 picks a free one); torch.distributed
 does the rest over gloo on 127.0.0.1. The config is mpi_sfl's (same --set keys), so the model is

@@ -1,6 +1,6 @@
 """Several independent `mpi_sfl train` jobs side by side in one mpiexec launch (memory suite only).
 
-    mpiexec -n G*R python -m mpi4py benchmarks/_group_train.py --ranks R --job 'k=v;k=v' --job ...
+    mpiexec -n G*R python -m mpi4py -m benchmarks._group_train --ranks R --job 'k=v;k=v' --job ...
 
 COMM_WORLD is split into G groups of R consecutive ranks; group g runs mpi_sfl.train.main on its
 own communicator with the g-th job's --set overrides. The jobs share the cores, so their timings mean nothing; their per-process

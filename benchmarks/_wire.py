@@ -1,6 +1,6 @@
 """Wire benchmark worker (2 ranks): ping-pong of one float32 tensor, three ways, interleaved.
 
-    mpiexec -n 2 python -m mpi4py benchmarks/_wire.py --sizes 4096,1048576 --reps 5 --out wire.json
+    mpiexec -n 2 python -m mpi4py -m benchmarks._wire --sizes 4096,1048576 --reps 5 --out wire.json
 
 - transport: mpi_sfl's Transport as training uses it: isend(header + payload) + wait_sends on the
   sender, recv (header, then the payload into a pooled buffer) on the receiver, with the wait mode
@@ -11,7 +11,7 @@
 For every size and repetition the three variants run back to back in a rotating order; each
 measurement is `iters` round trips (per variant, sized to ~`target` seconds) timed on rank 0
 after an untimed round trip. Rank 0 writes the
-per-repetition round-trip seconds; run.py takes medians.
+per-repetition round-trip seconds; the wire suite (benchmarks/wire.py) takes medians.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Shared plumbing for the benchmark suites: launching jobs with hard limits, machine facts, tables.
 
-Every launch is bounded twice (MPIEXEC_TIMEOUT for the launcher, `timeout -k 10` around it), runs
-with this checkout first on PYTHONPATH (so the worktree's mpi_sfl is measured, not an installed
-one), and is run one at a time.
+Every launch goes through mpi_sfl.launcher: bounded twice (MPIEXEC_TIMEOUT for mpiexec,
+`timeout -k 10` around it), with this checkout as the working directory and first on PYTHONPATH
+(so the worktree's mpi_sfl and benchmarks are measured, not an installed copy), one at a time.
+MPI workers are modules of this package, launched as `-m benchmarks._NAME`.
+
+The suites import this module; it imports none of them.
 """
 from __future__ import annotations
 
@@ -11,21 +14,22 @@ import json
 import math
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
-import sys
 from pathlib import Path
+
+from mpi_sfl import launcher
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PY = sys.executable
-_BIN = Path(PY).parent
-MPIEXEC = str(_BIN / "mpiexec") if (_BIN / "mpiexec").exists() else (shutil.which("mpiexec") or "mpiexec")
+
+# Shared by the suites that train: a small synthetic job, and the split server's state modes.
+SYNTH = {"data.dataset": "synthetic", "data.test_samples": 100, "model.name": "cnn"}
+STATES = ("file", "memory", "graph")
 
 
-class BenchError(RuntimeError):
+class BenchError(launcher.LaunchError):
     """A launched job failed; carries its command and output tail."""
 
 
@@ -36,32 +40,21 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def child_env(limit: float) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                       if p and Path(p).resolve() != REPO])
-    env["MPIEXEC_TIMEOUT"] = str(int(limit))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    for k in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
-        env.pop(k, None)
-    return env
-
-
-def _run(cmd: list[str], limit: float) -> subprocess.CompletedProcess:
-    # mpiexec ends the job itself at MPIEXEC_TIMEOUT = limit; `timeout` is the backstop after it.
-    full = ["timeout", "-k", "10", str(int(limit) + 15)] + cmd
-    proc = subprocess.run(full, capture_output=True, text=True, env=child_env(limit), cwd=REPO,
-                          timeout=limit + 45)
-    if proc.returncode != 0:
-        raise BenchError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                         f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
-    return proc
-
-
 def mpi(n: int, argv: list[str], limit: float = 240) -> subprocess.CompletedProcess:
-    """`mpiexec -n n python -m mpi4py ARGV...` (a script path, or -m module ...)."""
-    return _run([MPIEXEC, "-n", str(n), PY, "-m", "mpi4py", *argv], limit)
+    """`mpiexec -n n python -m mpi4py ARGV...` (-m benchmarks._worker ..., or -m mpi_sfl ...);
+    mpiexec ends the job at `limit` seconds, `timeout` 15 s later. Raises BenchError if it fails."""
+    try:
+        return launcher.mpi(n, argv, limit, root=REPO, check=True)
+    except launcher.LaunchError as e:
+        raise BenchError(str(e)) from None
+
+
+def python(argv: list[str], limit: float = 240) -> subprocess.CompletedProcess:
+    """`python ARGV...`, one process, under the same limits as mpi()."""
+    try:
+        return launcher.python(argv, limit, root=REPO, check=True)
+    except launcher.LaunchError as e:
+        raise BenchError(str(e)) from None
 
 
 def overrides(settings: dict) -> list[str]:
@@ -84,9 +77,9 @@ def train(ranks: int, settings: dict, out_dir: Path, limit: float = 240) -> dict
 
 
 def train_grouped(ranks: int, jobs: list[tuple[dict, Path]], limit: float = 300) -> list[dict]:
-    """Independent SFL jobs of `ranks` ranks each, side by side in one launch (_group_train.py).
+    """Independent SFL jobs of `ranks` ranks each, side by side in one launch (benchmarks._group_train).
     Only for figures that concurrency does not change (per-process peak memory), never timings."""
-    argv = [str(HERE / "_group_train.py"), "--ranks", str(ranks)]
+    argv = ["-m", "benchmarks._group_train", "--ranks", str(ranks)]
     for settings, out_dir in jobs:
         full = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
         if any(";" in o for o in overrides(full)):
@@ -99,7 +92,7 @@ def train_grouped(ranks: int, jobs: list[tuple[dict, Path]], limit: float = 300)
 def baseline(settings: dict, out_dir: Path, limit: float = 240) -> dict:
     """The single-process unsplit reference on the same config."""
     settings = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
-    _run([PY, "-m", "mpi_sfl", "baseline", *sets(settings)], limit)
+    python(["-m", "mpi_sfl", "baseline", *sets(settings)], limit)
     return read_run(out_dir)
 
 
@@ -113,7 +106,7 @@ def machine() -> dict:
     import mpi4py
     import numpy
     import torch
-    mpi4py.rc.initialize = False  # only ask the library its version; run.py itself is not an MPI rank
+    mpi4py.rc.initialize = False  # only ask the library its version; the driver is not an MPI rank
     from mpi4py import MPI
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -135,7 +128,7 @@ def machine() -> dict:
         "numpy": numpy.__version__,
         "mpi4py": mpi4py.__version__,
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-        "mpiexec": MPIEXEC,
+        "mpiexec": launcher.mpiexec_path(),
         "git_commit": commit,
         "git_dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

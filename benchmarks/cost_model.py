@@ -1,7 +1,8 @@
 """Analytic cost model of one synchronous SFL round, checked against the scaling measurements.
 
-    python benchmarks/run.py model [--quick] [--wire WIRE.json] [--scaling SCALING.json]
-    python benchmarks/cost_model.py ...         (the same)
+    python -m benchmarks model [--quick] [--wire WIRE.json] [--scaling SCALING.json]
+
+(benchmarks/model.py gathers the inputs below and calls suite() here.)
 
 Inputs, all measured, none assumed:
 - per-sample compute of the client part (encoder forward, head forward + loss + backward, encoder
@@ -28,10 +29,11 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import cores, table
 
 HEADER_BYTES = 12 * 8
 PROJECT_N = [2 ** i for i in range(11)]  # 1 .. 1024
@@ -195,9 +197,7 @@ def project(comp: dict, link: dict, batch: int = 32, state: str = "file") -> lis
 
 
 def suite(level: str, wire: dict, scaling: dict) -> dict:
-    """The `model` suite of run.py: measure, check, project."""
-    from common import cores, table
-
+    """The `model` suite: measure, check, project."""
     s_batch = scaling["settings"]["batch"]
     comp = measure_compute(scaling["settings"].get("model", "cnn"), s_batch, reps=3 if level == "tiny" else 15)
     link = link_from_wire(wire)
@@ -257,8 +257,3 @@ def suite(level: str, wire: dict, scaling: dict) -> dict:
             "results": {"compute": comp, "link": link, "check": checked, "projection": projected},
             "summary": summary, "notes": assumptions, "text": text}
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import run
-    sys.exit(run.main(["model", *sys.argv[1:]]))

@@ -1,10 +1,10 @@
 """Scaling report from a directory of training runs, one sub-directory per point: DIR/n<N>/.
 
-    python benchmarks/scaling_report.py strong|weak DIR
+    python -m benchmarks.scaling_report strong|weak DIR      (from the repository root)
 
 What jobs/strong_scaling.sbatch, jobs/weak_scaling.sbatch and jobs/local.sh run at the end. Reads each
 run's metrics.jsonl and summary.json, and prints and writes (DIR/scaling.json, DIR/scaling.png) the
-same table, summary and plot as the `scaling` suite of benchmarks/run.py: seconds per round (warm-up
+same table, summary and plot as the `scaling` suite (benchmarks/scaling.py): seconds per round (warm-up
 round excluded), speed-up and efficiency against the smallest N, per-phase breakdown.
 """
 from __future__ import annotations
@@ -14,9 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import run  # noqa: E402
+from benchmarks import common
+from benchmarks.scaling import scaling_result
 
 
 def report(kind: str, directory: Path) -> dict:
@@ -27,7 +26,7 @@ def report(kind: str, directory: Path) -> dict:
             runs[(kind, int(m.group(1)))] = [common.read_run(d)]
     if not runs:
         raise SystemExit(f"no finished runs n<N>/ (with summary.json) under {directory}")
-    res = run.scaling_result(runs)
+    res = scaling_result(runs)
     plot = res.pop("plot")
     doc = {"suite": "scaling", "level": "sweep", "machine": common.machine(), **res}
     (directory / "scaling.json").write_text(json.dumps(doc, indent=2) + "\n")

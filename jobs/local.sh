@@ -23,7 +23,7 @@ sweep() {  # sweep strong|weak
             --set train.clients=$N --set sfl.servers=$SERVERS --set data.train_samples=$SAMPLES \
             --set train.rounds=$ROUNDS --set run.progress=\"lines\" --set "run.out_dir=\"$RESULTS/$1/n$N\""
     done
-    $BIN/python benchmarks/scaling_report.py "$1" "$RESULTS/$1"
+    $BIN/python -m benchmarks.scaling_report "$1" "$RESULTS/$1"
 }
 case "${1:-both}" in
     strong|weak) sweep "$1" ;;

@@ -1,19 +1,18 @@
-"""Helpers to launch real MPI jobs from serial pytest tests, with hard time limits."""
+"""Helpers to launch real MPI jobs from serial pytest tests, with hard time limits (mpi_sfl.launcher)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BIN = Path(sys.executable).parent
-MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else shutil.which("mpiexec")
+from mpi_sfl import launcher
+
+MPIEXEC = launcher.mpiexec_path()
 REPO = Path(__file__).resolve().parents[1]
+MPIEXEC_TIMEOUT = 120  # mpiexec's own limit; each helper's `timeout` (below it or not) is the hard one
 
 # Small and fast: synthetic data, a few steps. Tests add to these.
 TINY = ["data.dataset=\"synthetic\"", "data.train_samples=240", "data.test_samples=200",
@@ -29,28 +28,21 @@ def sets(items) -> list[str]:
 
 
 def env(**extra: str) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    e.update(MPIEXEC_TIMEOUT="120", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    return e
+    """The tests' jobs: no Slurm variables at all, one OpenMP thread whatever the caller's shell says."""
+    return launcher.child_env(MPIEXEC_TIMEOUT, root=REPO, slurm="all", **{"OMP_NUM_THREADS": "1", **extra})
 
 
 def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`mpiexec -n n python -m mpi4py -m mpi_sfl args...`; a hang fails the test instead of CI."""
-    cmd = ["timeout", "-k", "10", str(timeout), MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py",
-           "-m", "mpi_sfl", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env(**(extra_env or {})), cwd=REPO,
-                          timeout=timeout + 20)
+    return launcher.mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
 
 
 def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    cmd = ["timeout", "-k", "10", str(timeout), MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py",
-           str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout + 20)
+    return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 
 
 def baseline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = ["timeout", "-k", "10", str(timeout), sys.executable, "-m", "mpi_sfl", "baseline", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout + 20)
+    return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(), root=REPO, grace=0)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from mpi_sfl import launcher
+
 REPO = Path(__file__).resolve().parents[1]
-RUN = REPO / "benchmarks" / "run.py"
 
 FIELDS = {
     "wire": ["wire_vs_raw_min_1mib", "wire_vs_pickle_1mib"],
@@ -30,9 +29,11 @@ MACHINE = ("hostname", "cores", "python", "torch", "mpi4py", "mpi_library", "dat
 
 
 def bench(suite: str, out: Path, *extra: str, timeout: float = 240) -> dict:
+    # The driver's own environment is the caller's (it sets up its jobs' itself); `timeout` ends a
+    # hung suite with its whole process group, mpiexec and ranks included.
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(RUN), suite, "--tiny", "--out", str(out), *extra],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    proc = launcher.python(["-m", "benchmarks", suite, "--tiny", "--out", str(out), *extra], timeout,
+                           env=env, root=REPO, grace=0)
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
     assert "summary:" in proc.stdout  # the readable table and summary were printed
     return json.loads(out.read_text())

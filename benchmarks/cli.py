@@ -1,0 +1,123 @@
+"""mpi_sfl benchmarks: every figure a ratio against a baseline measured in the same run.
+
+    python -m benchmarks SUITE [--quick | --tiny] [--out FILE.json]      (from the repository root)
+
+Suites (design.md §6):
+  wire        Transport ping-pong vs raw mpi4py Send/Recv vs pickled send/recv (2 ranks)
+  aggregate   flat-buffer FedAvg (Aggregator) vs per-tensor vs pickled collectives (4 ranks)
+  throughput  SFL samples/s (file/memory/graph state) vs `mpi_sfl baseline` and vs torch DDP (gloo)
+  memory      split-server peak RSS vs client batches in flight, per state mode
+  scaling     strong and weak scaling over client ranks, with a per-phase breakdown and a plot
+  model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
+  all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
+
+--quick runs each suite in well under a minute on 2 cores; --tiny is smaller still (tests only:
+its numbers are too small to mean much). Without either it is the real measurement. Each suite
+prints a table and writes JSON {"suite", "level", "machine", "settings", "results", "summary",
+"notes"} to --out (default runs/bench/SUITE[-quick|-tiny].json). MPI jobs run one at a time, each
+under MPIEXEC_TIMEOUT and `timeout -k 10`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import aggregate, common, memory, model, scaling, throughput, wire
+from benchmarks.common import REPO
+
+# The driver only: this registry, argument parsing, and writing and printing a suite's result.
+# A suite is a module of this package with run(level, work, args) -> {"settings", "results",
+# "summary", "notes", "text"[, "plot"]} (`work` is a scratch directory, `args` the parsed command
+# line) and, as a rule, LEVELS = {"full": ..., "quick": ..., "tiny": ...}, its settings per level
+# (benchmarks/README.md, "Adding a suite"). To add a suite,
+# write its module, import it above and give it a line here (and in the docstring's list).
+# The order is the order of `all`; model last: it reads that run's wire and scaling.
+SUITES = {
+    "wire": wire.run,
+    "aggregate": aggregate.run,
+    "throughput": throughput.run,
+    "memory": memory.run,
+    "scaling": scaling.run,
+    "model": model.run,
+}
+
+
+def run_suite(name: str, level: str, out: Path, args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"mpi_sfl-bench-{name}-"))
+    t0 = time.time()
+    machine = common.machine()
+    try:
+        res = SUITES[name](level, work, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.time() - t0
+    plot = res.pop("plot", None)
+    text = res.pop("text")
+    notes = res.get("notes", [])
+    if level != "full":
+        notes.insert(0, f"{level} mode: smaller settings, for checking the machinery; not the real measurement.")
+    machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    doc = {"suite": name, "level": level, "machine": machine, "settings": res.get("settings", {}),
+           "results": res["results"], "summary": res["summary"], "notes": notes,
+           "suite_seconds": round(elapsed, 1)}
+    bad = [k for k, v in res["summary"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if plot is not None:
+        png = out.with_suffix(".png")
+        plot(png)
+        doc["plot"] = str(png)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(text)
+    print("summary:")
+    for k, v in res["summary"].items():
+        print(f"  {k:34s} {common.fmt(v)}")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"{name}: {elapsed:.1f}s on {machine['hostname']} ({machine['cores']} cores) -> {out}"
+          + (f" and {doc['plot']}" if plot else ""))
+    if bad:
+        print(f"warning: non-finite summary fields: {bad}", file=sys.stderr)
+    sys.stdout.flush()
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("suite", choices=[*SUITES, "all"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small settings, well under a minute per suite")
+    g.add_argument("--tiny", action="store_true", help="smallest settings (used by the tests)")
+    p.add_argument("--out", help="JSON output (default runs/bench/SUITE[-LEVEL].json)")
+    p.add_argument("--out-dir", default=str(REPO / "runs" / "bench"), help="where `all` (and defaults) write")
+    p.add_argument("--wire", help="model: a wire suite JSON to take bandwidth/latency from (else measured)")
+    p.add_argument("--scaling", help="model: a scaling suite JSON to check against (else measured)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary run directories")
+    args = p.parse_args(argv)
+    level = "tiny" if args.tiny else "quick" if args.quick else "full"
+    suffix = "" if level == "full" else f"-{level}"
+    out_dir = Path(args.out_dir)
+    if args.suite == "all":
+        if args.out:
+            p.error("all writes one file per suite into --out-dir; --out is for a single suite")
+        for name in SUITES:
+            out = out_dir / f"{name}{suffix}.json"
+            if name == "model":
+                args.wire, args.scaling = str(out_dir / f"wire{suffix}.json"), str(out_dir / f"scaling{suffix}.json")
+            run_suite(name, level, out, args)
+            print()
+        return 0
+    run_suite(args.suite, level, Path(args.out) if args.out else out_dir / f"{args.suite}{suffix}.json", args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
