@@ -92,15 +92,15 @@ def measure_compute(model_name: str = "cnn", batch: int = 32, reps: int = 7, sta
            "t_client": timed(client_once), "t_server": {}}
     with tempfile.TemporaryDirectory(prefix="mpi_sfl-costmodel-") as scratch:
         for st in states:
-            state = make_state(st, body, True, Path(scratch), torch.device("cpu"))
+            state = make_state(st, True, Path(scratch), torch.device("cpu"))
             delta = torch.randn_like(z0) * 1e-3
             counter = [0]
 
             def server_once():
                 counter[0] += 1
                 key = (0, counter[0], 0)
-                state.forward(key, h0, 1234)
-                grads, _ = state.backward(key, delta)
+                state.forward(key, body, h0, 1234)
+                grads, _ = state.backward(key, body, delta)
                 off = 0
                 for g in grads:
                     gflat[off:off + g.numel()].add_(g.reshape(-1), alpha=batch)
