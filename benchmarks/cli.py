@@ -8,6 +8,7 @@ Suites (design.md §6):
   throughput  SFL samples/s (file/memory/graph state) vs `mpi_sfl baseline` and vs torch DDP (gloo)
   memory      split-server peak RSS vs client batches in flight, per state mode
   scaling     strong and weak scaling over client ranks, with a per-phase breakdown and a plot
+  variants    baseline, fl, sl, v1, v2 and sync on the same job, three partitions: accuracy, time, bytes
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -29,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import aggregate, common, memory, model, scaling, throughput, wire
+from benchmarks import aggregate, common, memory, model, scaling, throughput, variants, wire
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -45,6 +46,7 @@ SUITES = {
     "throughput": throughput.run,
     "memory": memory.run,
     "scaling": scaling.run,
+    "variants": variants.run,
     "model": model.run,
 }
 

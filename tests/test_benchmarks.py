@@ -22,6 +22,9 @@ FIELDS = {
     "throughput": ["sfl_vs_baseline_file", "sfl_vs_baseline_memory", "sfl_vs_baseline_graph", "sfl_vs_ddp"],
     "memory": ["growth_file", "growth_memory", "growth_graph", "mb_per_inflight_batch_graph"],
     "scaling": ["strong_efficiency", "weak_efficiency", "max_ranks"],
+    "variants": ["baseline_final_accuracy_iid", "fl_final_accuracy_iid", "sl_final_accuracy_iid",
+                 "v1_final_accuracy_iid", "v2_final_accuracy_iid", "sync_final_accuracy_iid",
+                 "sl_seconds_over_sync_iid", "sync_vs_baseline_samples_per_s_iid"],
     "model": ["t_client_us_per_sample", "t_server_us_per_sample_file", "link_latency_us", "link_GBps",
               "check_median_abs_error", "projected_speedup_1024_s1", "projected_speedup_1024_s64"],
 }
@@ -50,12 +53,17 @@ def check_doc(doc: dict, suite: str) -> None:
         assert math.isfinite(v) and v > 0, f"{name} = {v}"
 
 
-@pytest.mark.parametrize("suite", ["wire", "aggregate", "throughput", "memory"])
+@pytest.mark.parametrize("suite", ["wire", "aggregate", "throughput", "memory", "variants"])
 def test_suite(suite, tmp_path):
     doc = bench(suite, tmp_path / f"{suite}.json")
     check_doc(doc, suite)
     if suite == "aggregate":  # every variant computed the right average
         assert all(r["max_abs_error"] < 1e-4 for r in doc["results"])
+    if suite == "variants":  # every method ran, measured bytes sit beside the paper's formula, a plot
+        assert [r["method"] for r in doc["results"]] == ["baseline", "fl", "sl", "v1", "v2", "sync"]
+        split = [r for r in doc["results"] if r["method"] in ("sl", "v1", "v2", "sync")]
+        assert all(r["MB_total_per_round"] > 0 and r["paper_MB_per_round"] > 0 for r in split)
+        assert Path(doc["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_scaling_then_model(tmp_path):
