@@ -2,7 +2,7 @@
 
     python -m benchmarks SUITE [--quick | --tiny] [--out FILE.json]      (from the repository root)
 
-Suites (design.md §6):
+Suites (benchmarks/README.md):
   wire        Transport ping-pong vs raw mpi4py Send/Recv vs pickled send/recv (2 ranks)
   aggregate   flat-buffer FedAvg (Aggregator) vs per-tensor vs pickled collectives (4 ranks)
   throughput  SFL samples/s (file/memory/graph state) vs `mpi_sfl baseline` and vs torch DDP (gloo)

@@ -123,6 +123,7 @@ def plot(curves: dict, partitions: list[str], png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, len(partitions), figsize=(5 * len(partitions), 8), squeeze=False)
     for col, pname in enumerate(partitions):
@@ -137,7 +138,8 @@ def plot(curves: dict, partitions: list[str], png: Path) -> None:
             axes[1][col].plot(seconds, acc, marker="o", label=method)
         axes[0][col].set_title(pname)
         axes[0][col].set_xlabel("round")
-        axes[1][col].set_xlabel("training seconds")
+        axes[0][col].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[1][col].set_xlabel("training seconds (wall clock of the training ranks)")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_ylabel("test accuracy")
             ax.axhline(TARGET, color="grey", lw=0.5, ls=":")

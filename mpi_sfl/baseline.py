@@ -8,7 +8,7 @@ sync, v1, fl: one update per step over every client that has a batch in it; v2: 
 client batch, a step's clients in the round's seeded order; sl: clients in the round's order, each
 over its whole shard, one update per batch. Parts that draw random numbers (dropout) run per client
 chunk under the same per-(round, step, client, part) seeds the SFL ranks use; the others run on the
-whole concatenated batch. Where a variant is single-model SGD (docs/design.md lists when), its run
+whole concatenated batch. Where a variant is single-model SGD (docs/design.md §3 lists when), its run
 must land on this model to float32 round-off (the exactness property).
 """
 from __future__ import annotations

@@ -78,27 +78,15 @@ class SplitServer:
         self.loss_sum, self.samples = 0.0, 0
 
     def run(self) -> None:
-        job, variant = self.job, self.cfg.sfl.variant
-        mine = sorted(self.rank_of)
+        job = self.job
         try:
             for rnd in range(self.cfg.train.rounds):
                 plan = job.plan(rnd)
                 t0 = MPI.Wtime()
-                if variant == "sl":
-                    for cid in (c for c in plan.order if c in self.rank_of):
-                        for step in range(len(plan.batches[cid])):
-                            self.serve_in_order(plan, step, [cid])
-                for step in range(plan.steps if variant != "sl" else 0):
-                    active = plan.active(step, mine)
-                    if variant == "v2":
-                        self.serve_in_order(plan, step, [c for c in plan.order if c in active])
-                        continue
-                    self.main.grad.zero_()
-                    self.serve_together(plan, step, active)
-                    if variant == "sync":
-                        self.apply_mean_update()
-                    elif job.aggregate_due(step, plan.steps):
-                        self.average_copies()
+                if self.cfg.sfl.variant == "sl":
+                    self.relay_round(plan)
+                else:
+                    self.stepped_round(plan)
                 if job.rank == job.layout.first_server:  # the server part of the global model
                     polite_wait(job.comm.Isend(host(self.main.flat[:-1]), dest=0, tag=WEIGHTS_TAG))
                 computes_loss = not self.cfg.u_shape
@@ -109,6 +97,27 @@ class SplitServer:
             self.state.close()
             if self.scratch is not None:
                 shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def stepped_round(self, plan: data.RoundPlan) -> None:
+        """sync, v1, v2: step by step over the round's sampled clients of this server."""
+        variant, mine = self.cfg.sfl.variant, sorted(self.rank_of)
+        for step in range(plan.steps):
+            active = plan.active(step, mine)
+            if variant == "v2":
+                self.serve_in_order(plan, step, [c for c in plan.order if c in active])
+                continue
+            self.main.grad.zero_()
+            self.serve_together(plan, step, active)
+            if variant == "sync":
+                self.apply_mean_update()
+            elif self.job.aggregate_due(step, plan.steps):
+                self.average_copies()
+
+    def relay_round(self, plan: data.RoundPlan) -> None:
+        """sl: each logical client in the round's order, over its whole shard, one batch at a time."""
+        for cid in (c for c in plan.order if c in self.rank_of):
+            for step in range(len(plan.batches[cid])):
+                self.serve_in_order(plan, step, [cid])
 
     # -- which copy serves a client, and what a gradient does to it ----------------------------
     def part_of(self, client: int) -> ServerPart:

@@ -1,4 +1,4 @@
-"""What the split server keeps between a batch's forward and its backward (design §3).
+"""What the split server keeps between a batch's forward and its backward (docs/design.md §4).
 
 - graph:  the autograd graph of z in memory (memory grows with batches in flight);
 - memory: only the input h, recomputing z = f_s(h) when the gradient arrives;

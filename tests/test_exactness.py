@@ -1,4 +1,4 @@
-"""The exactness property (design §1): SFL with per-step aggregation and plain SGD lands on the
+"""The exactness property (docs/design.md §3.1): SFL with per-step aggregation and plain SGD lands on the
 single-process baseline's weights to float32 round-off — across splits, aggregation designs, state
 modes, uneven client placement, split-server replicas and a dropout-carrying server part."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Each variant's defining property (derivations in docs/design.md, "Exactness, per variant").
+"""Each variant's defining property (derivations in docs/design.md §3).
 
 - v1 with per-step averaging is the baseline (large-batch SGD); for ANY averaging schedule, with
   momentum, v1 is fl with the model cut: each client's part plus its own server copy is a full model
