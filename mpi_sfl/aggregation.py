@@ -22,6 +22,7 @@ from torch import nn
 from .timing import Timers
 from .transport import polite_wait
 
+WHO = "every client rank to join the client-side averaging"
 BUCKET = 2**21  # float32 elements per collective (8 MiB)
 
 
@@ -72,9 +73,9 @@ class Aggregator:
             parts = buckets(data)
             if self.mode == "centralized":
                 polite_wait([self.comm.Ireduce(p, None, op=MPI.SUM, root=0) for p in parts]
-                            + [self.comm.Ibcast(p, root=0) for p in parts])
+                            + [self.comm.Ibcast(p, root=0) for p in parts], who=WHO, collective=True)
             else:
-                polite_wait([self.comm.Iallreduce(MPI.IN_PLACE, p, op=MPI.SUM) for p in parts])
+                polite_wait([self.comm.Iallreduce(MPI.IN_PLACE, p, op=MPI.SUM) for p in parts], who=WHO, collective=True)
                 if data[-1] > 0:
                     data[:-1] /= data[-1]
             self.bytes_sent += data.nbytes
@@ -87,9 +88,9 @@ class Aggregator:
         with self.timers.phase("aggregation"):
             data[:] = 0
             parts = buckets(data)
-            polite_wait([self.comm.Ireduce(MPI.IN_PLACE, p, op=MPI.SUM, root=0) for p in parts])
+            polite_wait([self.comm.Ireduce(MPI.IN_PLACE, p, op=MPI.SUM, root=0) for p in parts], who=WHO, collective=True)
             if data[-1] > 0:
                 data[:-1] /= data[-1]
-            polite_wait([self.comm.Ibcast(p, root=0) for p in parts])
+            polite_wait([self.comm.Ibcast(p, root=0) for p in parts], who=WHO, collective=True)
             self.bytes_sent += data.nbytes
         return data

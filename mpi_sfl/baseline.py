@@ -81,7 +81,7 @@ def run(cfg) -> dict:
 def schedule(cfg, plan: data.RoundPlan) -> list[list[tuple[int, int]]]:
     """One round's updates, each a list of (logical client, step) batches trained together."""
     if cfg.sfl.variant == "sl":
-        return [[(c, t)] for c in plan.order for t in range(len(plan.batches[c]))]
+        return [[unit] for unit in plan.sequence]
     if cfg.sfl.variant == "v2":
         return [[(c, t)] for t in range(plan.steps) for c in plan.order if plan.batch_len(c, t)]
     return [[(c, t) for c in plan.active(t)] for t in range(plan.steps)]

@@ -23,6 +23,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help="TOML config (default: the packaged default.toml)")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value; repeatable")
+        if name == "train":
+            s.add_argument("--resume", action="store_true", help="continue the run in run.out_dir from its checkpoint")
     s = sub.add_parser("plot", help="loss and accuracy curves of finished runs (PNG)",
                        description="loss and accuracy curves from the metrics.jsonl of one or more runs")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's out_dir (holds metrics.jsonl)")
@@ -46,12 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     from . import train
     try:
-        train.main(args.config, args.overrides)
+        train.main(args.config, args.overrides, start="resume" if args.resume else "new")
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException:
         # Also when not started under `python -m mpi4py`: one rank's crash must end the job, not hang it.
         from mpi4py import MPI
+        print(f"mpi-sfl: error: rank {MPI.COMM_WORLD.rank} crashed; ending the job (traceback below)",
+              file=sys.stderr, flush=True)
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)

@@ -28,10 +28,11 @@ from torch import nn
 from . import data, models
 from .aggregation import Aggregator, flatten_params, host
 from .config import Config
+from .control import nonfinite_message
 from .job import RELAY_TAG, WEIGHTS_TAG, Job
 from .layout import CLIENT
 from .models import Part
-from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, polite_wait
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe, polite_wait
 
 
 @dataclass
@@ -82,7 +83,7 @@ def make_clients(cfg: Config, ids: list[int], device: torch.device) -> list[Logi
 class ClientRank:
     def __init__(self, job: Job, train: data.Split):
         cfg = self.cfg = job.cfg
-        self.job, self.train = job, train
+        self.job, self.train_set = job, train
         self.clients = make_clients(cfg, job.layout.clients_of(job.rank), job.device)
         self.by_id = {c.cid: c for c in self.clients}
         self.server = job.layout.server_of(job.rank) if cfg.split else None
@@ -93,52 +94,55 @@ class ClientRank:
                                      job.timers)
         self.buf = torch.zeros_like(self.clients[0].flat)
         self.relay_bytes = 0
+        self.holder: int | None = None  # sl: the logical client that holds the relayed model
+        # This round so far (kept on the object: a checkpoint can fall between two steps).
+        self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0
+        self.t0 = 0.0
 
-    def run(self) -> None:
+    def train(self) -> None:
         job = self.job
-        holder = None  # sl: the logical client that holds the relayed model
-        for rnd in range(self.cfg.train.rounds):
-            plan = job.plan(rnd)
-            t0 = MPI.Wtime()
+        for rnd, plan, first in job.rounds():
+            self.t0 = MPI.Wtime() - self.elapsed  # elapsed: this round's seconds before a resume
             if self.cfg.averages:
-                loss_sum, samples = self.averaged_round(plan)
+                self.averaged_round(plan, first)
             else:
-                loss_sum, samples, holder = self.relay_round(plan, holder)
+                self.relay_round(plan, first)
             if job.client_weights_from(plan) == job.rank:  # the global client part, for the evaluation
                 c = self.by_id[plan.order[-1]] if not self.cfg.averages else self.clients[0]
-                polite_wait(job.comm.Isend(host(c.flat[:-1]), dest=0, tag=WEIGHTS_TAG))
+                polite_wait(job.comm.Isend(host(c.flat[:-1]), dest=0, tag=WEIGHTS_TAG), who=describe(0))
             computes_loss = self.cfg.u_shape or not self.cfg.split
             sent = job.transport.bytes_sent + self.aggregator.bytes_sent + self.relay_bytes
-            job.gather_stats(job.stats(CLIENT, loss_sum, samples if computes_loss else 0.0, sent, MPI.Wtime() - t0))
+            job.gather_stats(job.stats(CLIENT, self.loss_sum, self.samples if computes_loss else 0.0, sent,
+                                       MPI.Wtime() - self.t0, self.skipped))
+            self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0
+            if job.checkpoint_due(rnd):
+                job.checkpoint(self.state_dict, (rnd + 1, 0))
 
     # -- rounds ---------------------------------------------------------------------------------
-    def averaged_round(self, plan: data.RoundPlan) -> tuple[float, int]:
+    def averaged_round(self, plan: data.RoundPlan, first: int) -> None:
         """sync, v1, v2, fl: every sampled client steps on its batch; FedAvg on the schedule."""
-        loss_sum, samples = 0.0, 0
-        for step in range(plan.steps):
+        for step in range(first, plan.steps):
             active = [self.by_id[c] for c in plan.active(step, list(self.by_id))]
             if active:
-                loss_sum += (self.split_step if self.cfg.split else self.local_step)(active, plan, step)
-                samples += sum(plan.batch_len(c.cid, step) for c in active)
+                (self.split_step if self.cfg.split else self.local_step)(active, plan, step)
             if self.job.aggregate_due(step, plan.steps):
                 self.average()
-        return loss_sum, samples
+            self.job.step_done(plan.rnd, step + 1)
 
-    def relay_round(self, plan: data.RoundPlan, holder: int | None) -> tuple[float, int, int]:
-        """sl: the model goes from logical client to logical client in the round's order."""
-        loss_sum, samples = 0.0, 0
-        for cid in plan.order:
-            self.hand_over(holder, cid)
+    def relay_round(self, plan: data.RoundPlan, first: int) -> None:
+        """sl: the model goes from logical client to logical client in the round's order, one
+        batch a step (every rank counts the steps: the stop agreement is per step)."""
+        for k in range(first, len(plan.sequence)):
+            cid, step = plan.sequence[k]
+            self.hand_over(self.holder, cid)
             if cid in self.by_id:
-                for step in range(len(plan.batches[cid])):
-                    loss_sum += self.split_step([self.by_id[cid]], plan, step)
-                    samples += plan.batch_len(cid, step)
-            holder = cid
-        return loss_sum, samples, holder
+                self.split_step([self.by_id[cid]], plan, step)
+            self.holder = cid
+            self.job.step_done(plan.rnd, k + 1)
 
     # -- steps ----------------------------------------------------------------------------------
-    def split_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> float:
-        """One step of `active` with the split server; returns the sum of loss x batch size."""
+    def split_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> None:
+        """One step of `active` with the split server."""
         job, t, rnd, server = self.job, self.job.transport, plan.rnd, self.server
         with job.timers.phase("client_compute"):
             for c in active:
@@ -151,31 +155,38 @@ class ClientRank:
                     t.isend(y, server, LABELS, rnd, step, c.cid)
         # Whatever the server sends back first: z (U-shape: run the head, send dl/dz) or dl/dh (finish
         # the encoder). Taking dl/dh as soon as it comes lets the server release its send buffer.
+        # A batch dropped for a non-finite value (train.on_nonfinite = "skip") still sends and gets
+        # every message, flagged `dropped`, so both sides count the same messages.
         n = len(active)
         inbox = Inbox(t, {(server, OUT): n if self.cfg.u_shape else 0, (server, GRAD_IN): n if self.cfg.grad_input else 0})
-        loss_sum = 0.0
         while inbox:
             _, header = inbox.next()
             payload = t.recv_payload(header, server)
             c = self.by_id[header.client]
             with job.timers.phase("client_compute"):
                 if header.kind == GRAD_IN:
-                    c.batch["h"].backward(payload)
+                    if header.dropped:
+                        c.batch["dropped"] = True
+                    elif not c.batch.get("dropped"):
+                        c.batch["h"].backward(payload)
                     continue
                 z = payload.clone().requires_grad_(True)
                 loss = F.cross_entropy(self.forward(Part.HEAD, c.model.head, z, rnd, step, c.cid), c.batch["y"])
+                if not torch.isfinite(loss) and self.nonfinite(c, rnd, step, "loss"):
+                    c.batch["dropped"] = True
+                    t.isend(torch.zeros_like(z), server, DELTA, rnd, step, c.cid, dropped=True)
+                    continue
                 loss.backward()
-                loss_sum += loss.item() * len(c.batch["y"])
+                self.loss_sum += loss.item() * len(c.batch["y"])
+                self.samples += len(c.batch["y"])
             t.isend(z.grad, server, DELTA, rnd, step, c.cid)
         t.wait_sends()
         with job.timers.phase("client_compute"):
             for c in active:
-                self.sgd_step(c, len(c.batch["y"]))
-        return loss_sum
+                self.sgd_step(c, rnd, step)
 
-    def local_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> float:
+    def local_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> None:
         """fl: each logical client runs the whole model on its batch and steps."""
-        loss_sum = 0.0
         with self.job.timers.phase("client_compute"):
             for c in active:
                 x, y = self.batch(plan, c.cid, step)
@@ -183,27 +194,75 @@ class ClientRank:
                 for part, module in ((Part.ENCODER, c.model.encoder), (Part.BODY, c.model.body), (Part.HEAD, c.model.head)):
                     out = self.forward(part, module, out, plan.rnd, step, c.cid)
                 loss = F.cross_entropy(out, y)
-                loss.backward()
-                loss_sum += loss.item() * len(y)
                 c.batch = {"y": y}
-                self.sgd_step(c, len(y))
-        return loss_sum
+                if not torch.isfinite(loss) and self.nonfinite(c, plan.rnd, step, "loss"):
+                    c.batch["dropped"] = True
+                else:
+                    loss.backward()
+                    self.loss_sum += loss.item() * len(y)
+                    self.samples += len(y)
+                self.sgd_step(c, plan.rnd, step)
 
     def batch(self, plan: data.RoundPlan, cid: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(plan.batches[cid][step])
-        return self.train.x[idx].to(self.job.device), self.train.y[idx].to(self.job.device)
+        return self.train_set.x[idx].to(self.job.device), self.train_set.y[idx].to(self.job.device)
 
     def forward(self, part: Part, module: nn.Module, x: torch.Tensor, rnd: int, step: int, cid: int) -> torch.Tensor:
         if self.seeded[part]:
             torch.manual_seed(models.batch_seed(self.cfg.run.seed, rnd, step, cid, part))
         return module(x)
 
-    @staticmethod
-    def sgd_step(c: LogicalClient, samples: int) -> None:
-        c.opt.step()
+    def sgd_step(self, c: LogicalClient, rnd: int, step: int) -> None:
+        """The logical client's optimizer step, unless its batch was dropped or its gradient is
+        not finite (then, with train.on_nonfinite = "skip", the batch is dropped here)."""
+        samples = len(c.batch["y"])
+        grads = [p.grad for p in c.trainable if p.grad is not None]
+        if not c.batch.get("dropped") and grads and not bool(torch.isfinite(
+                torch.stack(torch._foreach_norm(grads, float("inf")))).all()):
+            c.batch["dropped"] = self.nonfinite(c, rnd, step, "gradient")
+        if c.batch.get("dropped"):
+            self.skipped += 1
+        else:
+            c.opt.step()
+            c.trained += samples
         c.opt.zero_grad(set_to_none=False)
-        c.trained += samples
         c.batch = {}
+
+    def nonfinite(self, c: LogicalClient, rnd: int, step: int, what: str) -> bool:
+        """A non-finite loss or gradient of logical client `c`: True if its batch is to be dropped
+        (train.on_nonfinite = "skip"); else the run stops at the next step boundary."""
+        if self.cfg.train.on_nonfinite == "skip":
+            return True
+        self.job.control.fail((rnd, step, c.cid), nonfinite_message(what, rnd, step, c.cid))
+        return False
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"clients": [{"flat": c.flat.detach().cpu().clone(), "opt": c.opt.state_dict(), "trained": c.trained}
+                            for c in self.clients],
+                "holder": -1 if self.holder is None else self.holder,
+                "round": {"loss_sum": self.loss_sum, "samples": self.samples, "skipped": self.skipped,
+                          "elapsed": MPI.Wtime() - self.t0 if self.t0 else 0.0},
+                "bytes": {"aggregated": self.aggregator.bytes_sent, "relayed": self.relay_bytes}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for c, saved in zip(self.clients, state["clients"], strict=True):
+            c.flat.copy_(saved["flat"])
+            c.opt.load_state_dict(saved["opt"])
+            c.trained = saved["trained"]
+        self.holder = None if state["holder"] < 0 else state["holder"]
+        r = state["round"]
+        self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
+        self.aggregator.bytes_sent, self.relay_bytes = state["bytes"]["aggregated"], state["bytes"]["relayed"]
+
+    def settle(self) -> None:
+        """Nothing in flight between steps (the fed server's evaluation is)."""
+
+    def finish(self) -> None:
+        """Only the fed server writes the run's summary."""
+
+    def close(self) -> None:
+        """Nothing to clean up (the split server removes its scratch)."""
 
     # -- weights between logical clients --------------------------------------------------------
     def average(self) -> None:
@@ -230,15 +289,13 @@ class ClientRank:
         elif src_rank == me:
             vec = host(self.by_id[src].state_vector())
             with self.job.timers.phase("p2p_wait"):
-                polite_wait(self.job.comm.Isend(vec, dest=dst_rank, tag=RELAY_TAG))
+                polite_wait(self.job.comm.Isend(vec, dest=dst_rank, tag=RELAY_TAG), who=describe(dst_rank))
             self.relay_bytes += vec.nbytes
         elif dst_rank == me:
             c = self.by_id[dst]
             vec = np.empty(c.state_vector().numel(), np.float32)
             with self.job.timers.phase("p2p_wait"):
-                polite_wait(self.job.comm.Irecv(vec, source=src_rank, tag=RELAY_TAG))
+                polite_wait(self.job.comm.Irecv(vec, source=src_rank, tag=RELAY_TAG), who=describe(src_rank))
             c.load_state_vector(torch.from_numpy(vec).to(self.job.device))
 
 
-def run(job: Job, train: data.Split) -> None:
-    ClientRank(job, train).run()

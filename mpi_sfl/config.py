@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.variant": ("sync", "v1", "v2", "sl", "fl"),
     "sfl.state": ("file", "memory", "graph"),
     "sfl.aggregation": ("centralized", "decentralized"),
+    "train.on_nonfinite": ("stop", "skip"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "bar", "lines", "none"),
     "run.wait": ("auto", "spin", "poll"),
@@ -32,7 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("train.rounds", "train.batch_size", "train.lr", "data.shards_per_client")
 NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum", "sfl.servers",
                 "train.clients_per_round",
-                "train.aggregate_every", "train.clients", "run.threads", "run.seed")
+                "train.aggregate_every", "train.clients", "run.threads", "run.seed",
+                "run.checkpoint_every", "run.timeout_s")
 
 
 class Raw(dict):
@@ -70,6 +72,7 @@ class Train:
     aggregate_every: int
     clients: int
     clients_per_round: int
+    on_nonfinite: str
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class Run:
     threads: int
     wait: str
     progress: str
+    checkpoint_every: int
+    timeout_s: float
 
 
 SECTIONS = {"data": Data, "model": Model, "train": Train, "sfl": Sfl, "run": Run}

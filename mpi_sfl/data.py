@@ -253,6 +253,11 @@ class RoundPlan:
     def samples(self) -> int:
         return sum(len(b) for bs in self.batches.values() for b in bs)
 
+    @cached_property
+    def sequence(self) -> list[tuple[int, int]]:
+        """sl: the round's batches as (logical client, its step), clients one after another in `order`."""
+        return [(c, t) for c in self.order for t in range(len(self.batches[c]))]
+
     def batch_len(self, client: int, step: int) -> int:
         """Samples logical client `client` trains on in `step` (0 if it has none)."""
         bs = self.batches.get(client)

@@ -1,12 +1,16 @@
 """The fed server (rank 0): FedAvg root, evaluator and the only rank that writes outputs.
 
-Per round it takes part in each centralized averaging (Reduce, divide, Bcast), then collects the
-round's global model — the client parts (from the averaging, or from the client rank that has them:
-the first client rank when decentralized, the holder of the relayed model in sl) and the server
-part (from the first split server; none in fl) — evaluates it on the test set while the other
-ranks already train the next round, and writes a metrics row.
+Per round it runs the same step loop as every rank (the stop agreement is once per step), taking
+part in each centralized averaging (Reduce, divide, Bcast); then it collects the round's global
+model — the client parts (from the averaging, or from the client rank that has them: the first
+client rank when decentralized, the holder of the relayed model in sl) and the server part (from
+the first split server; none in fl) — and evaluates it on the test set in a background thread while
+the other ranks already train the next round. A model that is not finite is never written over
+model.pt: the run stops (control.FAILED) and the last good model stays.
 """
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,54 +21,121 @@ from .aggregation import Aggregator, flatten_params
 from .job import WEIGHTS_TAG, Job
 from .layout import FED
 from .outputs import RunWriter, evaluate, role_rows
-from .transport import polite_wait
+from .transport import describe, polite_wait
 
 
-def run(job: Job, test: data.Split) -> None:
-    cfg = job.cfg
-    model = models.build(cfg.model.name, cfg.run.seed).to(job.device)
-    client_flat = flatten_params(models.client_parts(model, cfg.u_shape, cfg.split), job.device)
-    server_flat = flatten_params([models.server_part(model, cfg.u_shape)], job.device) if cfg.split else None
-    client_buf = np.zeros(client_flat.numel(), np.float32)
-    server_buf = np.zeros(server_flat.numel() - 1 if cfg.split else 0, np.float32)
-    aggregator = Aggregator("centralized", job.fed_comm, job.timers)
-    writer = RunWriter(cfg, cfg.train.rounds, "sfl" if cfg.split else "fl")
-    train_seconds, samples, start = 0.0, 0, MPI.Wtime()
-    for rnd in range(cfg.train.rounds):
-        plan = job.plan(rnd)
-        t0 = MPI.Wtime()
-        if cfg.averages and cfg.centralized:
-            for step in range(plan.steps):
-                if job.aggregate_due(step, plan.steps):
-                    aggregator.average_at_root(client_buf)
+class FedServer:
+    def __init__(self, job: Job, test: data.Split):
+        cfg = self.cfg = job.cfg
+        self.job, self.test = job, test
+        self.model = models.build(cfg.model.name, cfg.run.seed).to(job.device)
+        self.client_flat = flatten_params(models.client_parts(self.model, cfg.u_shape, cfg.split), job.device)
+        self.server_flat = flatten_params([models.server_part(self.model, cfg.u_shape)], job.device) if cfg.split else None
+        self.client_buf = np.zeros(self.client_flat.numel(), np.float32)
+        self.server_buf = np.zeros(self.server_flat.numel() - 1 if cfg.split else 0, np.float32)
+        self.aggregator = Aggregator("centralized", job.fed_comm, job.timers)
+        self.rows: list[dict] = []  # finished rounds' metrics rows
+        self.train_seconds, self.samples, self.wall = 0.0, 0, 0.0
+        self.started = MPI.Wtime()
+        self.writer: RunWriter | None = None
+        self.evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
+        self.pending: tuple[Future, dict] | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> None:
+        job, cfg = self.job, self.cfg
+        self.writer = RunWriter(cfg, cfg.train.rounds, "sfl" if cfg.split else "fl",
+                                resume_rows=self.rows if job.start != (0, 0) else None)
+        for rnd, plan, first in job.rounds():
+            t0 = MPI.Wtime()
+            for step in range(first, job.steps(plan)):
+                if cfg.averages and cfg.centralized and job.aggregate_due(step, plan.steps):
+                    self.aggregator.average_at_root(self.client_buf)
+                job.step_done(rnd, step + 1)
+            self.end_round(rnd, plan, t0)
+            if job.checkpoint_due(rnd):
+                self.finish_eval()  # its row goes into the checkpoint
+                job.checkpoint(self.state_dict, (rnd + 1, 0))
+
+    def end_round(self, rnd: int, plan: data.RoundPlan, t0: float) -> None:
+        job, cfg = self.job, self.cfg
         with job.timers.phase("idle"):
-            reqs = [job.comm.Irecv(server_buf, source=job.layout.first_server, tag=WEIGHTS_TAG)] if cfg.split else []
+            reqs = [job.comm.Irecv(self.server_buf, source=job.layout.first_server, tag=WEIGHTS_TAG)] if cfg.split else []
             source = job.client_weights_from(plan)
             if source is not None:
-                reqs.append(job.comm.Irecv(client_buf[:-1], source=source, tag=WEIGHTS_TAG))
-            polite_wait(reqs)
-        stats = job.gather_stats(job.stats(FED, 0.0, 0.0, aggregator.bytes_sent, MPI.Wtime() - t0))
+                reqs.append(job.comm.Irecv(self.client_buf[:-1], source=source, tag=WEIGHTS_TAG))
+            polite_wait(reqs, who=lambda: " and ".join(describe(r) for r in
+                                                       [job.layout.first_server] * cfg.split + [source] * (source is not None))
+                        + " to send the round's weights")
+        stats = job.gather_stats(job.stats(FED, 0.0, 0.0, self.aggregator.bytes_sent, MPI.Wtime() - t0))
         seconds = float(stats["round_seconds"][1:].max())  # the training ranks' round; eval of the last overlaps it
-        train_seconds += seconds
-        samples += plan.samples
-        client_flat[:-1].copy_(torch.from_numpy(client_buf[:-1]))
-        if cfg.split:
-            server_flat[:-1].copy_(torch.from_numpy(server_buf))
-        with job.timers.phase("eval"):
-            test_loss, test_acc = evaluate(model, test.x, test.y, job.device)
+        self.train_seconds += seconds
+        self.samples += plan.samples
         roles = role_rows(stats)
-        writer.round({
-            "round": rnd, "rounds": cfg.train.rounds,
-            "train_loss": float(stats["loss_sum"].sum() / max(stats["samples"].sum(), 1)),
-            "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
-            "samples": plan.samples, "clients_trained": len(plan.batches),
-            "bytes_sent": {r: v["bytes_sent"] for r, v in roles.items()},
-            "peak_rss_mb": {r: v["peak_rss_mb"] for r, v in roles.items()},
-            "phase_seconds": {r: v["seconds"] for r, v in roles.items()},
-        }, model)
-    writer.finish({
-        "mode": "sfl", "variant": cfg.sfl.variant, "seconds": round(train_seconds, 3),
-        "wall_seconds": round(MPI.Wtime() - start, 3), "ranks": job.comm.size,
-        "train_samples_per_s": samples / train_seconds,
-        "phase_seconds": {r: v["seconds"] for r, v in roles.items()},
-    })
+        row = {"round": rnd, "rounds": cfg.train.rounds,
+               "train_loss": float(stats["loss_sum"].sum() / max(stats["samples"].sum(), 1)),
+               "seconds": round(seconds, 4), "samples": plan.samples, "clients_trained": len(plan.batches),
+               "batches_skipped": int(stats["skipped"].sum()),
+               "bytes_sent": {r: v["bytes_sent"] for r, v in roles.items()},
+               "peak_rss_mb": {r: v["peak_rss_mb"] for r, v in roles.items()},
+               "phase_seconds": {r: v["seconds"] for r, v in roles.items()}}
+        self.finish_eval()  # the model's weights are about to change
+        self.client_flat[:-1].copy_(torch.from_numpy(self.client_buf[:-1]))
+        if cfg.split:
+            self.server_flat[:-1].copy_(torch.from_numpy(self.server_buf))
+        self.pending = (self.evaluator.submit(self.evaluate), row)
+
+    def evaluate(self) -> tuple[float, float]:
+        with self.job.timers.phase("eval"):
+            return evaluate(self.model, self.test.x, self.test.y, self.job.device)
+
+    def finish_eval(self) -> None:
+        """Wait for the last round's evaluation and record its row (and model.pt, if finite)."""
+        if self.pending is None:
+            return
+        future, row = self.pending
+        self.pending = None
+        row["test_loss"], row["test_accuracy"] = future.result()
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not finite:
+            self.job.control.fail((row["round"], float("inf"), -1),
+                                  f"the global model after round {row['round'] + 1} is not finite "
+                                  "(training diverged: lower train.lr); model.pt keeps the last finite model")
+        self.rows.append(row)
+        try:
+            self.writer.round(row, self.model, write_model=finite)
+        except OSError as exc:
+            self.job.control.fail((row["round"], float("inf"), -1),
+                                  f"cannot write the outputs in {self.writer.dir} ({exc.strerror}); free space "
+                                  "there or set run.out_dir")
+
+    # -- checkpoints and the end --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self.finish_eval()
+        return {"rows": list(self.rows), "client_buf": torch.from_numpy(self.client_buf.copy()),
+                "train_seconds": self.train_seconds, "samples": self.samples,
+                "wall": self.wall + MPI.Wtime() - self.started, "aggregated_bytes": self.aggregator.bytes_sent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+        self.client_buf[:] = state["client_buf"].numpy()
+        self.train_seconds, self.samples, self.wall = state["train_seconds"], state["samples"], state["wall"]
+        self.aggregator.bytes_sent = state["aggregated_bytes"]
+
+    def settle(self) -> None:
+        """Before a checkpoint or the end: the evaluation in flight finishes and its row is written."""
+        if self.writer is not None:
+            self.finish_eval()
+
+    def finish(self) -> None:
+        """The run is complete: summary.json."""
+        roles = self.rows[-1]["phase_seconds"] if self.rows else {}
+        self.writer.finish({
+            "mode": "sfl", "variant": self.cfg.sfl.variant, "seconds": round(self.train_seconds, 3),
+            "wall_seconds": round(self.wall + MPI.Wtime() - self.started, 3), "ranks": self.job.comm.size,
+            "train_samples_per_s": self.samples / self.train_seconds if self.train_seconds else 0.0,
+            "phase_seconds": roles,
+        })
+
+    def close(self) -> None:
+        self.evaluator.shutdown(wait=True, cancel_futures=True)

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import checkpoint
 from .config import Config
+from .control import Control
 from .data import RoundPlan
 from .layout import CLIENT, FED, SERVER, Layout
 from .timing import PHASES, Timers
 from .transport import Transport, polite_wait
 
 # One rank's round-end row, gathered at rank 0 (named fields over a float64 buffer).
-STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64),
+STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),
                   ("bytes_sent", np.float64), ("peak_rss", np.float64), ("round_seconds", np.float64),
                   ("phases", np.float64, (len(PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
@@ -36,11 +39,14 @@ class Job:
     fed_comm: MPI.Comm | None = None      # fed server + client ranks (centralized FedAvg)
     clients_comm: MPI.Comm | None = None  # client ranks only (decentralized FedAvg)
     servers_comm: MPI.Comm | None = None  # split servers only (replicas' gradients, v1's copies)
+    start: tuple[int, int] = (0, 0)       # (round, steps done in it) this run starts from (--resume)
     timers: Timers = field(default_factory=Timers)
     transport: Transport = None  # type: ignore[assignment]
+    control: Control = None      # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.transport = Transport(self.comm, self.device, self.timers)
+        self.control = Control(self.comm)
         role = self.layout.role(self.rank)
         self.fed_comm = _split(self.comm, role in (FED, CLIENT))
         self.clients_comm = _split(self.comm, role == CLIENT)
@@ -53,6 +59,49 @@ class Job:
     def plan(self, rnd: int) -> RoundPlan:
         t = self.cfg.train
         return RoundPlan.make(self.shards, t.batch_size, self.cfg.run.seed, rnd, t.clients_per_round)
+
+    def steps(self, plan: RoundPlan) -> int:
+        """Step boundaries in a round (where the ranks may stop together): the averaging variants'
+        steps; sl's batches, one logical client after another (plan.sequence)."""
+        return plan.steps if self.cfg.averages else len(plan.sequence)
+
+    def rounds(self):
+        """(round, plan, first step) from where this run starts to the last round."""
+        r0, s0 = self.start
+        for rnd in range(r0, self.cfg.train.rounds):
+            yield rnd, self.plan(rnd), (s0 if rnd == r0 else 0)
+
+    def step_done(self, rnd: int, steps_done: int) -> None:
+        self.control.step_done(rnd, steps_done)
+
+    def checkpoint_due(self, rnd: int) -> bool:
+        """Whether a checkpoint follows round `rnd` (run.checkpoint_every; 0: only at the end)."""
+        every = self.cfg.run.checkpoint_every
+        return every > 0 and (rnd + 1) % every == 0 and rnd + 1 < self.cfg.train.rounds
+
+    def counters(self) -> dict:
+        """What every role's checkpoint carries besides its weights: RNG, timers, bytes sent."""
+        return {"rng": torch.get_rng_state(), "timers": dict(self.timers.seconds),
+                "bytes_sent": self.transport.bytes_sent}
+
+    def load_counters(self, state: dict) -> None:
+        torch.set_rng_state(state["rng"])
+        self.timers.seconds.update(state["timers"])
+        self.transport.bytes_sent = state["bytes_sent"]
+
+    def checkpoint(self, state: Callable[[], dict], position: tuple[int, int]) -> bool:
+        """Collective: write a checkpoint at `position` (round, steps done) with this rank's
+        `state()`. Skipped on every rank when any rank has found a problem (its state may be
+        poisoned); a failed write is such a problem. Returns whether a checkpoint was written."""
+        if self.control.agree(len(self.control.problems)):
+            return False
+        meta = {"round": position[0], "step": position[1], "config": self.cfg.as_dict(),
+                "partition": checkpoint.partition_digest(self.shards)}
+        err = checkpoint.save(self.comm, self.cfg.run.out_dir, {**state(), "counters": self.counters()}, meta,
+                              self.control.agree)
+        if err:  # a rank's own error sorts before "another rank could not..."
+            self.control.fail((*position, -1 if err.startswith("cannot") else 2**31), err)
+        return not err
 
     def aggregate_due(self, step: int, steps: int) -> bool:
         """Whether the averaging variants average after `step` (always after a round's last)."""
@@ -67,10 +116,11 @@ class Job:
         return None if self.cfg.centralized else self.layout.client_ranks[0]
 
     def stats(self, role: int, loss_sum: float, samples: float, bytes_sent: float,
-              round_seconds: float) -> np.ndarray:
+              round_seconds: float, skipped: int = 0) -> np.ndarray:
         """This rank's row for the round-end Gather (STATS)."""
         row = np.zeros(1, STATS)
         row["role"], row["loss_sum"], row["samples"], row["bytes_sent"] = role, loss_sum, samples, bytes_sent
+        row["skipped"] = skipped
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
         return row
@@ -79,7 +129,7 @@ class Job:
         """Round-end stats of every rank at rank 0, one STATS row per rank (uppercase Gather)."""
         width = STATS.itemsize // 8
         out = np.empty((self.comm.size, width), np.float64) if self.rank == 0 else None
-        polite_wait(self.comm.Igather(mine.view(np.float64), out, root=0))
+        polite_wait(self.comm.Igather(mine.view(np.float64), out, root=0), who="every rank's round-end statistics", collective=True)
         return None if out is None else out.view(STATS).reshape(-1)
 
 

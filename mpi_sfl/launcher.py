@@ -85,6 +85,15 @@ def mpi(n: int, argv: list[str], limit: float, *, env: dict | None = None, root:
                env=env, root=root, grace=grace, check=check)
 
 
+def start_mpi(n: int, argv: list[str], limit: float, *, env: dict | None = None,
+              root: Path = ROOT) -> subprocess.Popen:
+    """Like `mpi`, but returns at once: the Popen of mpiexec itself (signal it as Slurm would; its
+    own MPIEXEC_TIMEOUT = limit ends a job that hangs). Output is captured as text."""
+    env = child_env(limit, root=root) if env is None else env
+    return subprocess.Popen([mpiexec_path(), "-n", str(n), sys.executable, "-m", "mpi4py", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+
+
 def python(argv: list[str], limit: float, *, env: dict | None = None, root: Path = ROOT,
            grace: float = GRACE, check: bool = False) -> subprocess.CompletedProcess:
     """`python ARGV...` with this interpreter, one process (e.g. ["-m", "mpi_sfl", "baseline"])."""

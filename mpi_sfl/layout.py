@@ -69,6 +69,15 @@ class Layout:
         """The client rank that hosts logical client `client`."""
         return next(r for r in self.client_ranks if client in self.clients_of(r))
 
+    def describe(self, rank: int) -> str:
+        """'rank 3 (client: logical clients 2-3)', for messages that name a peer."""
+        role = self.role(rank)
+        if role != CLIENT:
+            return f"rank {rank} ({ROLE_NAMES[role].replace('_', ' ')})"
+        ids = self.clients_of(rank)
+        return f"rank {rank} (client: logical client{'s' if len(ids) > 1 else ''} " \
+               f"{ids[0]}{'-' + str(ids[-1]) if len(ids) > 1 else ''})"
+
     def server_of(self, rank: int) -> int:
         return self.server_ranks[(rank - 1 - self.servers) % self.servers]
 

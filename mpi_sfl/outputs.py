@@ -31,6 +31,17 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     return loss / len(y), correct / len(y)
 
 
+def _finite(obj):
+    """Non-finite floats as null, so metrics stay strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def role_rows(stats: np.ndarray) -> dict:
     """Per-role totals from the gathered per-rank stats rows (job.STATS)."""
     out = {}
@@ -46,11 +57,13 @@ def role_rows(stats: np.ndarray) -> dict:
 class RunWriter:
     """Writes the outputs of one run into run.out_dir and shows progress. Rank 0 only."""
 
-    def __init__(self, cfg, rounds: int, label: str):
+    def __init__(self, cfg, rounds: int, label: str, resume_rows: list[dict] | None = None):
         self.dir = Path(cfg.run.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.toml").write_text(to_toml(cfg))
         self.metrics = (self.dir / "metrics.jsonl").open("w")
+        for row in resume_rows or []:
+            self.metrics.write(json.dumps(row) + "\n")
         mode = cfg.run.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
@@ -60,16 +73,17 @@ class RunWriter:
             from tqdm import tqdm
             self.bar = tqdm(total=rounds, desc=label, unit="round", file=sys.stderr)
 
-    def round(self, row: dict, model: torch.nn.Module) -> None:
+    def round(self, row: dict, model: torch.nn.Module, write_model: bool = True) -> None:
         """Record a finished round: its metrics row and the model as of now, so a job killed
         later keeps every completed round (model.pt is replaced atomically)."""
         self.rows.append(row)
-        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.write(json.dumps(_finite(row), allow_nan=False) + "\n")
         self.metrics.flush()
-        tmp = self.dir / "model.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, self.dir / "model.pt")
-        brief = (f"loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f} "
+        if write_model:
+            tmp = self.dir / "model.pt.tmp"
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            os.replace(tmp, self.dir / "model.pt")
+        brief = (f"loss {row['train_loss']:.4g} test_loss {row['test_loss']:.4g} "
                  f"acc {row['test_accuracy']:.4f} {row['seconds']:.1f}s")
         if self.bar is not None:
             self.bar.set_postfix_str(brief)

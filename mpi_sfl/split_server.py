@@ -25,12 +25,21 @@ from torch import nn
 
 from . import data, models
 from .aggregation import attach_flat_grads, flatten_params, host
+from .control import nonfinite_message
 from .config import Config
 from .job import WEIGHTS_TAG, Job
 from .layout import SERVER
 from .models import Part
 from .state import make_state
-from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, polite_wait
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe, polite_wait
+
+
+DROPPED = object()  # a batch its client dropped (train.on_nonfinite = "skip")
+
+
+def finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element is finite (one max-abs per tensor: cheap on the per-batch path)."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
 
 
 @dataclass
@@ -75,49 +84,87 @@ class SplitServer:
         self.copies: dict[int, ServerPart] = {}  # v1: one per logical client served, made lazily
         self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device)
         self.rank_of = {c: r for r in job.layout.client_ranks_of(job.rank) for c in job.layout.clients_of(r)}
-        self.loss_sum, self.samples = 0.0, 0
+        # This round so far (kept on the object: a checkpoint can fall between two steps).
+        self.loss_sum, self.samples, self.skipped, self.elapsed, self.t0 = 0.0, 0, 0, 0.0, 0.0
 
-    def run(self) -> None:
+    def train(self) -> None:
         job = self.job
-        try:
-            for rnd in range(self.cfg.train.rounds):
-                plan = job.plan(rnd)
-                t0 = MPI.Wtime()
-                if self.cfg.sfl.variant == "sl":
-                    self.relay_round(plan)
-                else:
-                    self.stepped_round(plan)
-                if job.rank == job.layout.first_server:  # the server part of the global model
-                    polite_wait(job.comm.Isend(host(self.main.flat[:-1]), dest=0, tag=WEIGHTS_TAG))
-                computes_loss = not self.cfg.u_shape
-                job.gather_stats(job.stats(SERVER, self.loss_sum, self.samples if computes_loss else 0,
-                                           job.transport.bytes_sent, MPI.Wtime() - t0))
-                self.loss_sum, self.samples = 0.0, 0
-        finally:
-            self.state.close()
-            if self.scratch is not None:
-                shutil.rmtree(self.scratch, ignore_errors=True)
+        for rnd, plan, first in job.rounds():
+            self.t0 = MPI.Wtime() - self.elapsed  # elapsed: this round's seconds before a resume
+            if self.cfg.sfl.variant == "sl":
+                self.relay_round(plan, first)
+            else:
+                self.stepped_round(plan, first)
+            if job.rank == job.layout.first_server:  # the server part of the global model
+                polite_wait(job.comm.Isend(host(self.main.flat[:-1]), dest=0, tag=WEIGHTS_TAG), who=describe(0))
+            computes_loss = not self.cfg.u_shape
+            job.gather_stats(job.stats(SERVER, self.loss_sum, self.samples if computes_loss else 0,
+                                       job.transport.bytes_sent, MPI.Wtime() - self.t0, self.skipped))
+            self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0
+            if job.checkpoint_due(rnd):
+                job.checkpoint(self.state_dict, (rnd + 1, 0))
 
-    def stepped_round(self, plan: data.RoundPlan) -> None:
+    def stepped_round(self, plan: data.RoundPlan, first: int) -> None:
         """sync, v1, v2: step by step over the round's sampled clients of this server."""
         variant, mine = self.cfg.sfl.variant, sorted(self.rank_of)
-        for step in range(plan.steps):
+        for step in range(first, plan.steps):
             active = plan.active(step, mine)
             if variant == "v2":
                 self.serve_in_order(plan, step, [c for c in plan.order if c in active])
-                continue
-            self.main.grad.zero_()
-            self.serve_together(plan, step, active)
-            if variant == "sync":
-                self.apply_mean_update()
-            elif self.job.aggregate_due(step, plan.steps):
-                self.average_copies()
+            else:
+                self.main.grad.zero_()
+                self.serve_together(plan, step, active)
+                if variant == "sync":
+                    self.apply_mean_update()
+                elif self.job.aggregate_due(step, plan.steps):
+                    self.average_copies()
+            self.check_scratch(plan.rnd, step)
+            self.job.step_done(plan.rnd, step + 1)
 
-    def relay_round(self, plan: data.RoundPlan) -> None:
-        """sl: each logical client in the round's order, over its whole shard, one batch at a time."""
-        for cid in (c for c in plan.order if c in self.rank_of):
-            for step in range(len(plan.batches[cid])):
+    def relay_round(self, plan: data.RoundPlan, first: int) -> None:
+        """sl: each logical client in the round's order, over its whole shard, one batch a step."""
+        for k in range(first, len(plan.sequence)):
+            cid, step = plan.sequence[k]
+            if cid in self.rank_of:
                 self.serve_in_order(plan, step, [cid])
+            self.check_scratch(plan.rnd, step)
+            self.job.step_done(plan.rnd, k + 1)
+
+    def check_scratch(self, rnd: int, step: int) -> None:
+        """A scratch write that failed (disk full) kept its batch in memory; the run stops here."""
+        if self.state.error and not self.job.control.problems:
+            self.job.control.fail((rnd, step, -1), f"split server rank {self.job.rank}: {self.state.error}")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        def part(p: ServerPart) -> dict:
+            return {"flat": p.flat.detach().cpu().clone(), "opt": p.opt.state_dict(), "trained": p.trained}
+        return {"main": part(self.main), "copies": [[c, part(p)] for c, p in sorted(self.copies.items())],
+                "round": {"loss_sum": self.loss_sum, "samples": self.samples, "skipped": self.skipped,
+                          "elapsed": MPI.Wtime() - self.t0 if self.t0 else 0.0}}
+
+    def load_state_dict(self, state: dict) -> None:
+        def load(p: ServerPart, saved: dict) -> ServerPart:
+            p.flat.copy_(saved["flat"])
+            p.opt.load_state_dict(saved["opt"])
+            p.trained = saved["trained"]
+            return p
+        load(self.main, state["main"])
+        for c, saved in state["copies"]:
+            self.copies[int(c)] = load(ServerPart.build(self.cfg, self.job.device), saved)
+        r = state["round"]
+        self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
+
+    def settle(self) -> None:
+        """Nothing in flight between steps (the fed server's evaluation is)."""
+
+    def finish(self) -> None:
+        """Only the fed server writes the run's summary."""
+
+    def close(self) -> None:
+        self.state.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     # -- which copy serves a client, and what a gradient does to it ----------------------------
     def part_of(self, client: int) -> ServerPart:
@@ -197,8 +244,11 @@ class SplitServer:
         return out
 
     def receive_rest(self, header, src: int):
-        """A message's payload, kept: U-shape the delta (or h), label-sharing h with its labels."""
+        """A message's payload, kept: U-shape the delta (or h), label-sharing h with its labels;
+        DROPPED for a delta the client dropped (train.on_nonfinite = "skip")."""
         payload = self.job.transport.recv_payload(header, src).clone()
+        if header.dropped:
+            return DROPPED
         if self.cfg.u_shape:
             return payload
         _, y = self.job.transport.recv(src, LABELS)
@@ -211,10 +261,14 @@ class SplitServer:
         Label-sharing: `received` is (h, labels); forward, loss and backward happen here.
         """
         key, part = (plan.rnd, step, client), self.part_of(client)
+        dropped = received is DROPPED
         with self.job.timers.phase("server_compute"):
-            if self.cfg.u_shape:
+            if dropped:
+                self.state.drop(key)
+            elif self.cfg.u_shape:
                 grads, grad_h = self.state.backward(key, part.module, received)
                 samples = received.shape[0]
+                dropped = not finite(grads) and self.nonfinite(plan, step, client, "gradient")
             else:
                 h, y = received
                 h.requires_grad_(self.cfg.grad_input)
@@ -224,10 +278,23 @@ class SplitServer:
                 out = torch.autograd.grad(loss, params + ([h] if self.cfg.grad_input else []))
                 grads, grad_h = list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None)
                 samples = h.shape[0]
-                self.loss_sum += loss.item() * samples
-            self.learn(client, grads, samples)
+                dropped = not finite([loss, *grads]) and self.nonfinite(plan, step, client, "loss or gradient")
+                if not dropped:
+                    self.loss_sum += loss.item() * samples
+            if not dropped:
+                self.learn(client, grads, samples)
+            elif not self.cfg.grad_input:
+                self.skipped += 1  # the client cannot know; with dl/dh going back, it counts the drop
         if self.cfg.grad_input:
-            self.job.transport.isend(grad_h, self.rank_of[client], GRAD_IN, plan.rnd, step, client)
+            self.job.transport.isend(torch.zeros(0) if dropped else grad_h, self.rank_of[client], GRAD_IN,
+                                     plan.rnd, step, client, dropped=dropped)
+
+    def nonfinite(self, plan: data.RoundPlan, step: int, client: int, what: str) -> bool:
+        """True if the batch is to be dropped (train.on_nonfinite = "skip"); else the run stops."""
+        if self.cfg.train.on_nonfinite == "skip":
+            return True
+        self.job.control.fail((plan.rnd, step, client), nonfinite_message(what, plan.rnd, step, client))
+        return False
 
     # -- updates across split servers -----------------------------------------------------------
     def apply_mean_update(self) -> None:
@@ -257,10 +324,9 @@ class SplitServer:
             return
         with self.job.timers.phase("aggregation"):
             flat = host(buf)
-            polite_wait(self.job.servers_comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM))
+            polite_wait(self.job.servers_comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM),
+                        who="the other split servers (replicas' averaging)", collective=True)
             if buf.device.type != "cpu":
                 buf.copy_(torch.from_numpy(flat))
 
 
-def run(job: Job, scratch: Path | None) -> None:
-    SplitServer(job, scratch).run()

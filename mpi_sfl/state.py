@@ -33,6 +33,8 @@ class GraphState:
     logical client.
     """
 
+    error: str | None = None  # FileState: a scratch write that failed (the run then stops)
+
     def __init__(self, grad_input: bool):
         self.grad_input = grad_input
         self._kept: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -53,6 +55,10 @@ class GraphState:
         params = [p for p in body.parameters() if p.requires_grad]
         grads = torch.autograd.grad(z, params + ([h] if self.grad_input else []), grad_outputs=delta)
         return list(grads[:len(params)]), (grads[-1] if self.grad_input else None)
+
+    def drop(self, key: Key) -> None:
+        """Forget a batch whose backward will not come (its client dropped it)."""
+        self._kept.pop(key, None)
 
     def in_flight(self) -> int:
         return len(self._kept)
@@ -102,13 +108,24 @@ class FileState(MemoryState):
         name = uuid.uuid4().hex
         t = h.detach().to("cpu").contiguous()
         header = Header(ACT, *key, t.dtype, tuple(t.shape)).encode()
-        with open(self.scratch / name, "wb") as f:
-            f.write(np.array([FILE_MAGIC, seed], dtype=np.int64).tobytes())
-            f.write(header.tobytes())
-            f.write(memoryview(as_buffer(t)).cast("B"))
+        try:
+            with open(self.scratch / name, "wb") as f:
+                f.write(np.array([FILE_MAGIC, seed], dtype=np.int64).tobytes())
+                f.write(header.tobytes())
+                f.write(memoryview(as_buffer(t)).cast("B"))
+        except OSError as exc:
+            # Disk full or gone: keep this batch in memory so the step completes and every rank can
+            # stop together at the next boundary (the split server reports `error`).
+            (self.scratch / name).unlink(missing_ok=True)
+            self.error = self.error or (f"cannot write to scratch {self.scratch} ({exc.strerror}); free space "
+                                        "there, set run.scratch_dir to a larger disk, or use sfl.state = 'memory'")
+            super()._put(key, h, seed)
+            return
         self._names[key] = name
 
     def _take(self, key: Key) -> tuple[torch.Tensor, int]:
+        if key in self._kept:  # kept in memory after a failed write
+            return super()._take(key)
         path = self.scratch / self._names.pop(key)  # only names this server made become paths
         raw = path.read_bytes()
         path.unlink()
@@ -119,8 +136,14 @@ class FileState(MemoryState):
         flat = torch.frombuffer(bytearray(raw[16 + 8 * HEADER_LEN:]), dtype=header.dtype)
         return flat.reshape(header.shape).to(self.device), seed
 
+    def drop(self, key: Key) -> None:
+        super().drop(key)
+        name = self._names.pop(key, None)
+        if name is not None:
+            (self.scratch / name).unlink(missing_ok=True)
+
     def in_flight(self) -> int:
-        return len(self._names)
+        return len(self._names) + len(self._kept)
 
     def close(self) -> None:
         for name in self._names.values():

@@ -1,26 +1,39 @@
-"""`mpi-sfl train`: set up on every rank, then hand each rank to its role.
+"""`mpi-sfl train`: set up on every rank, hand each rank to its role, end the run together.
 
-    mpiexec -n 4 python -m mpi4py -m mpi_sfl train [CONFIG.toml] [--set section.key=value ...]
+    mpiexec -n 4 python -m mpi4py -m mpi_sfl train [CONFIG.toml] [--set section.key=value ...] [--resume]
 
-Set-up (config, layout, data, scratch) is collective and fails together: one clear message from
-rank 0, exit code 2 on every rank, no hang.
+Set-up (config, layout, data, scratch, the checkpoint to resume from) is collective and fails
+together: one clear message from rank 0, exit code 2 on every rank, no hang. Then every role runs
+the same rounds and steps; at every step boundary the ranks agree whether to stop (control.py):
+- the run completes: a final checkpoint, summary.json, exit 0;
+- a stop signal (SIGTERM, SIGINT, SIGUSR1): a checkpoint where they stopped, exit 3 (resumable);
+- a problem (non-finite training, a disk full): the last good outputs stay, exit 4;
+- a peer that stops answering for run.timeout_s: the rank that waited names it, exit 5.
 """
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from pathlib import Path
 
 from mpi4py import MPI
 
-from . import client, config, data, fed_server, split_server
-from .errors import fail_together
+from . import checkpoint, client, config, control, data, fed_server, split_server
+from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
+from .errors import UserError, fail_together
 from .job import Job
-from .layout import CLIENT, FED, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
+from .layout import CLIENT, FED, ROLE_NAMES, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
 from .state import make_scratch
-from .transport import polite_wait, set_wait_mode
+from .transport import PeerTimeout, polite_wait, set_describer, set_wait_mode
+
+ROLES = {FED: fed_server.FedServer, SERVER: split_server.SplitServer, CLIENT: client.ClientRank}
 
 
-def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = None) -> None:
-    """Train on `comm` (default COMM_WORLD; a sub-communicator runs several jobs in one launch)."""
+def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = None, start: str = "new") -> None:
+    """Train on `comm` (default COMM_WORLD; a sub-communicator runs several jobs in one launch).
+    start: "new", "resume" (continue from run.out_dir's checkpoint) or "overwrite"."""
+    control.install_handlers()
     comm = comm or MPI.COMM_WORLD
     local, local_size = local_rank(comm)
 
@@ -32,7 +45,8 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
         return cfg, layout
 
     cfg, layout = fail_together(comm, setup)
-    set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)))
+    set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)), cfg.run.timeout_s)
+    set_describer(layout.describe)
     role = layout.role(comm.rank)
     # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache.
     fail_together(comm, lambda: data.locate_fashion_mnist(cfg.data.dir)
@@ -43,6 +57,7 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
         set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         shards = data.partition(labels, layout.clients, cfg)
+        saved = resume_state(cfg, comm, shards) if start == "resume" else None
         if role == CLIENT:
             resource = data.load(cfg, "train")
         elif role == FED:
@@ -51,11 +66,99 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
             resource = make_scratch(cfg.run.scratch_dir, f"{os.environ.get('SLURM_JOB_ID', 'local')}-r{comm.rank}")
         else:
             resource = None
-        return device, shards, resource
+        return device, shards, saved, resource
 
-    device, shards, resource = fail_together(comm, load)
-    job = Job(cfg, layout, comm, device, shards)
+    device, shards, saved, resource = fail_together(comm, load)
+    job = Job(cfg, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
     # Each role gets what only it uses: clients the training set, the fed server the test set, a
     # split server its scratch dir (file state).
-    {FED: fed_server.run, SERVER: split_server.run, CLIENT: client.run}[role](job, resource)
-    polite_wait(comm.Ibarrier())  # nobody exits before rank 0 has written the results
+    worker = ROLES[role](job, resource)
+    if saved:
+        worker.load_state_dict(saved["state"])
+        job.load_counters(saved["state"]["counters"])
+    announce(job)
+    code = run(job, worker)
+    polite_wait(comm.Ibarrier(), who="every rank to finish", collective=True)  # nobody exits before rank 0 has written the results
+    if code:
+        MPI.Finalize()
+        sys.exit(code)
+
+
+def resume_state(cfg, comm: MPI.Comm, shards) -> dict:
+    """This rank's part of the latest checkpoint in run.out_dir, after checking it still means the
+    same run (config, layout, data)."""
+    where = checkpoint.find(cfg.run.out_dir)
+    if where is None:
+        raise UserError(f"nothing to resume in {cfg.run.out_dir}: it has no checkpoint")
+    meta = checkpoint.read_meta(where)
+    checkpoint.check_resume(meta, cfg, comm.size, checkpoint.partition_digest(shards), where)
+    if (meta["round"], meta["step"]) == (cfg.train.rounds, 0):
+        raise UserError(f"the run in {cfg.run.out_dir} has finished its {cfg.train.rounds} rounds; "
+                        "raise train.rounds to train further")
+    return {"round": meta["round"], "step": meta["step"], "state": checkpoint.load_state(where, comm.rank)}
+
+
+def run(job: Job, worker) -> int:
+    """Train to the end or to the agreed stop; the exit code (0, EXIT_STOPPED or EXIT_FAILED).
+    A peer timeout ends the job here with EXIT_TIMEOUT."""
+    ctl, rounds = job.control, job.cfg.train.rounds
+    try:
+        try:
+            worker.train()
+            reason, position = ctl.drain(), (rounds, 0)
+            reason = FAILED if reason == FAILED else 0  # a signal during the last step: the run is done anyway
+        except Stop as stop:
+            reason, position = stop.reason, ctl.position
+        worker.settle()
+        written = reason != FAILED and job.checkpoint(worker.state_dict, position)  # same on every rank
+        if written and not reason:
+            worker.finish()
+            return 0
+        if not written:
+            return report(job, f"{ctl.first_problem()}; the run stopped. model.pt and metrics.jsonl keep the "
+                               f"last good round{resume_hint(job, ' and the last checkpoint')}", EXIT_FAILED)
+        rnd, step = position
+        return report(job, f"stopped by {ctl.who_signalled()} at round {rnd + 1}, after step {step} of {rounds} rounds; "
+                           f"checkpoint in {Path(job.cfg.run.out_dir) / checkpoint.CURRENT}"
+                           f"{resume_hint(job, '')}", EXIT_STOPPED, prefix="mpi-sfl: ")
+    except PeerTimeout as exc:
+        print(f"mpi-sfl: error: {job.layout.describe(job.rank)} {exc}; {'a rank' if exc.collective else 'it'} "
+              f"is stuck or dead (run.timeout_s = "
+              f"{job.cfg.run.timeout_s:g}). Finished rounds, model.pt and the last checkpoint in "
+              f"{job.cfg.run.out_dir} are kept; ending the job.", file=sys.stderr, flush=True)
+        worker.close()
+        job.comm.Abort(EXIT_TIMEOUT)
+        return EXIT_TIMEOUT
+    finally:
+        worker.close()
+
+
+def resume_hint(job: Job, what: str) -> str:
+    if checkpoint.find(job.cfg.run.out_dir) is None:
+        return ""
+    return f"{what}; continue with the same command and --resume"
+
+
+def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ") -> int:
+    if job.rank == 0:
+        print(prefix + message, file=sys.stderr, flush=True)
+    return code
+
+
+def announce(job: Job) -> None:
+    """Rank 0 writes out_dir/ranks.tsv (rank, role, host, pid, logical clients): when a rank dies,
+    mpiexec names only its pid; this file says which rank and role that was."""
+    rows = job.comm.gather((job.rank, ROLE_NAMES[job.layout.role(job.rank)], socket.gethostname(), os.getpid(),
+                            job.layout.clients_of(job.rank) if job.layout.role(job.rank) == CLIENT else []), root=0)
+    if job.rank != 0:
+        return
+    out = Path(job.cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["rank\trole\thost\tpid\tlogical_clients"] + [
+        f"{r}\t{role}\t{host}\t{pid}\t{','.join(map(str, ids))}" for r, role, host, pid, ids in rows]
+    (out / "ranks.tsv").write_text("\n".join(lines) + "\n")
+    if job.cfg.run.progress != "none":
+        r0, s0 = job.start
+        where = f"resuming at round {r0 + 1}, step {s0}" if job.start != (0, 0) else "starting"
+        print(f"[mpi-sfl] {where}: {job.comm.size} ranks (which pid is which rank: {out / 'ranks.tsv'})",
+              file=sys.stderr, flush=True)

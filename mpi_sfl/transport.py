@@ -13,7 +13,7 @@ A payload is received with a plain blocking Recv: it is already on its way behin
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .timing import Timers
 
 # Message kinds. The header travels on tag 2*kind, its payload on 2*kind + 1.
 ACT, LABELS, OUT, DELTA, GRAD_IN = 1, 2, 3, 4, 5
-HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], spare[2]
+HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], dropped, spare
 MAX_DIMS = 4
 DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
@@ -38,6 +38,7 @@ class Header(NamedTuple):
     client: int   # logical client
     dtype: torch.dtype
     shape: tuple[int, ...]
+    dropped: bool = False  # train.on_nonfinite = "skip": this batch was dropped (payload is zeros)
 
     def encode(self) -> np.ndarray:
         if len(self.shape) > MAX_DIMS:
@@ -45,39 +46,56 @@ class Header(NamedTuple):
         raw = np.zeros(HEADER_LEN, dtype=np.int64)
         raw[:6] = (self.kind, self.rnd, self.step, self.client, DTYPE_CODE[self.dtype], len(self.shape))
         raw[6:6 + len(self.shape)] = self.shape
+        raw[10] = int(self.dropped)
         return raw
 
     @classmethod
     def decode(cls, raw: np.ndarray) -> "Header":
         kind, rnd, step, client, dtype, ndim = (int(v) for v in raw[:6])
-        return cls(kind, rnd, step, client, DTYPES[dtype], tuple(int(d) for d in raw[6:6 + ndim]))
+        return cls(kind, rnd, step, client, DTYPES[dtype], tuple(int(d) for d in raw[6:6 + ndim]), bool(raw[10]))
 
 
-_poll = True  # set by set_wait_mode at start-up
+_poll = True      # set by set_wait_mode at start-up
+_timeout = 0.0    # run.timeout_s: the longest wait on a peer; 0 = no limit
 
 
-def set_wait_mode(mode: str, oversubscribed: bool) -> None:
-    """run.wait: "spin" blocks in MPI (lowest latency), "poll" sleeps between tests, "auto" polls
-    only when this node has more ranks than cores."""
-    global _poll
+class PeerTimeout(Exception):
+    """A wait on a peer lasted longer than run.timeout_s: that peer is stuck or dead."""
+
+    def __init__(self, message: str, collective: bool):
+        super().__init__(message)
+        self.collective = collective  # a collective cannot tell which rank is missing
+
+
+def set_wait_mode(mode: str, oversubscribed: bool, timeout_s: float = 0.0) -> None:
+    """run.wait: "spin" waits without sleeping (lowest latency), "poll" sleeps between tests,
+    "auto" polls only when this node has more ranks than cores. run.timeout_s bounds every wait."""
+    global _poll, _timeout
     _poll = mode == "poll" or (mode == "auto" and oversubscribed)
+    _timeout = float(timeout_s)
 
 
 def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
-                status: MPI.Status | None = None) -> int:
+                status: MPI.Status | None = None, who: str | Callable[[], str] = "a peer",
+                collective: bool = False) -> int:
     """Wait for all of `reqs` (or, with any_=True, one: its index); returns that index or -1.
 
     In poll mode, tests and sleeps 10 us doubling to 200 us: a woken rank sees its message within
-    about 0.2 ms, and a waiting rank uses a few percent of a core instead of all of it.
+    about 0.2 ms, and a waiting rank uses a few percent of a core instead of all of it. In spin
+    mode it tests without sleeping (a blocking MPI wait could not be bounded). Past run.timeout_s
+    it raises PeerTimeout naming `who` (a string, or a function that makes one). A collective
+    waits twice as long: where a point-to-point wait can name the rank that stopped answering,
+    it fires first.
     """
     if isinstance(reqs, MPI.Request):
         reqs, any_ = [reqs], True
-    if not _poll:
+    if not _poll and not _timeout:
         if any_:
             return MPI.Request.Waitany(reqs, status)
         MPI.Request.Waitall(reqs)
         return -1
-    delay = 1e-5
+    limit = _timeout * (2 if collective else 1) or float("inf")
+    delay, deadline = (1e-5 if _poll else 0.0), time.monotonic() + limit
     while True:
         if any_:
             idx, done = MPI.Request.Testany(reqs, status)
@@ -85,8 +103,24 @@ def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
                 return idx
         elif MPI.Request.Testall(reqs):
             return -1
-        time.sleep(delay)
-        delay = min(delay * 2, 2e-4)
+        if delay:
+            time.sleep(delay)
+            delay = min(delay * 2, 2e-4)
+        if time.monotonic() > deadline:
+            raise PeerTimeout(f"waited {limit:g} s for {who() if callable(who) else who}", collective)
+
+
+_describe: Callable[[int], str] = lambda rank: f"rank {rank}"
+
+
+def set_describer(fn: Callable[[int], str]) -> None:
+    """How messages name a peer rank (the layout knows its role: "rank 3 (client, logical clients 2-3)")."""
+    global _describe
+    _describe = fn
+
+
+def describe(rank: int) -> str:
+    return _describe(rank)
 
 
 def as_buffer(t: torch.Tensor) -> np.ndarray:
@@ -104,21 +138,22 @@ class Transport:
         self.timers = timers or Timers()
         self.bytes_sent = 0
         self._pool: dict[tuple, torch.Tensor] = {}
-        self._sending: list[tuple[list[MPI.Request], object, object]] = []
+        self._sending: list[tuple[list[MPI.Request], int, object, object]] = []  # reqs, dest, buffers
 
     # -- sending -----------------------------------------------------------------------------
-    def isend(self, tensor: torch.Tensor, dest: int, kind: int, rnd: int, step: int, client: int) -> None:
+    def isend(self, tensor: torch.Tensor, dest: int, kind: int, rnd: int, step: int, client: int,
+              dropped: bool = False) -> None:
         """Start sending `tensor`; it is kept alive until the send completes. Do not modify it."""
         self.reap()
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")  # host staging; the copy synchronizes with the producing stream
         t = t.contiguous()
-        header = Header(kind, rnd, step, client, t.dtype, tuple(t.shape)).encode()
+        header = Header(kind, rnd, step, client, t.dtype, tuple(t.shape), dropped).encode()
         payload = as_buffer(t)
         reqs = [self.comm.Isend(header, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
         self.bytes_sent += header.nbytes + payload.nbytes
-        self._sending.append((reqs, header, payload))
+        self._sending.append((reqs, dest, header, payload))
 
     def reap(self) -> None:
         """Release the buffers of sends that have completed, so a server's memory does not grow
@@ -130,7 +165,9 @@ class Transport:
         """Complete every outstanding send and release its buffers."""
         if self._sending:
             t0 = MPI.Wtime()
-            polite_wait([r for reqs, _, _ in self._sending for r in reqs])
+            polite_wait([r for reqs, _, _, _ in self._sending for r in reqs],
+                        who=lambda: " and ".join(describe(d) for d in sorted({d for _, d, _, _ in self._sending}))
+                        + " to take this rank's messages")
             self.timers.add("p2p_wait", MPI.Wtime() - t0)
             self._sending.clear()
 
@@ -150,7 +187,7 @@ class Transport:
         if buf is None:
             buf = self._pool[key] = torch.empty(header.shape, dtype=header.dtype)
         t0 = MPI.Wtime()
-        self.comm.Recv(as_buffer(buf), source, tag=2 * header.kind + 1)
+        polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1), who=lambda: describe(source))
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
         return buf if self.device.type == "cpu" else buf.to(self.device)
 
@@ -159,13 +196,13 @@ class Transport:
         status = MPI.Status()
         raw = np.empty(HEADER_LEN, dtype=np.int64)
         req = self.comm.Irecv(raw, source, tag=2 * kind)
-        self.wait(req, status)
+        self.wait(req, status, who=lambda: describe(source))
         header = Header.decode(raw)
         return header, self.recv_payload(header, status.Get_source())
 
-    def wait(self, req: MPI.Request, status: MPI.Status | None = None) -> None:
+    def wait(self, req: MPI.Request, status: MPI.Status | None = None, who="a peer") -> None:
         t0 = MPI.Wtime()
-        polite_wait(req, status=status)
+        polite_wait(req, status=status, who=who)
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
 
 
@@ -189,10 +226,14 @@ class Inbox:
     def __len__(self) -> int:
         return sum(self.left.values())
 
+    def owing(self) -> str:
+        """The peers whose messages are still due (for a timeout's message)."""
+        return " and ".join(f"{describe(src)} ({n} message(s))" for (src, _), n in sorted(self.left.items()) if n)
+
     def next(self) -> tuple[int, Header]:
         """(source, header) of the next message; receive its payload with recv_payload."""
         t0 = MPI.Wtime()
-        idx = polite_wait(self.reqs, any_=True)
+        idx = polite_wait(self.reqs, any_=True, who=self.owing)
         self.t.timers.add("p2p_wait", MPI.Wtime() - t0)
         src, kind, header = self.meta[idx]
         self.left[(src, kind)] -= 1

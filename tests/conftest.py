@@ -37,6 +37,11 @@ def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = No
     return launcher.mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
 
 
+def start(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.Popen:
+    """`mpirun` that returns at once: the running mpiexec, to signal or to watch."""
+    return launcher.start_mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO)
+
+
 def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 

@@ -52,8 +52,9 @@ def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
     refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
     assert refused.returncode == 2 and "holds an SFL run's results" in refused.stderr
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
-    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(sfl_out)) == \
-        ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
+    assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
+    assert sorted(os.listdir(sfl_out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "ranks.tsv",
+                                           "summary.json"]  # SFL also: its checkpoint and which pid is which rank
     assert load_model(tmp_path).keys() == load_model(sfl_out).keys()
     assert len(metrics(tmp_path)) == 2
 

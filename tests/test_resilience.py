@@ -1,0 +1,219 @@
+"""Long jobs: stop signals, checkpoint and resume bit for bit, stuck and dead ranks, NaN, full disks.
+
+Every job here is a real mpiexec launch with a time limit; the signals are sent as Slurm and a
+user would send them (to mpiexec, or to one rank's pid from out_dir/ranks.tsv).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, load_model, metrics, mpirun, mpiscript, ok, sets, start
+
+# Timing and memory fields differ between any two runs; everything else in a row must not.
+MEASURED = {"seconds", "phase_seconds", "peak_rss_mb"}
+RESUMABLE = TINY + ["data.train_samples=960", "train.rounds=4", "train.clients=3"]
+
+
+def deterministic(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in MEASURED} for row in rows]
+
+
+def wait_for(predicate, limit: float, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"job ended early (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() - t0 < limit, "timed out waiting"
+        time.sleep(0.02)
+
+
+def has_rows(out: Path, n: int = 1):
+    return lambda: (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= n
+
+
+def finish(proc: subprocess.Popen, limit: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=limit)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
+def pids(out: Path) -> dict[int, tuple[str, int]]:
+    """rank -> (role, pid) from the run's ranks.tsv."""
+    rows = [line.split("\t") for line in (out / "ranks.tsv").read_text().splitlines()[1:]]
+    return {int(r[0]): (r[1], int(r[3])) for r in rows}
+
+
+def strict_rows(out: Path) -> list[dict]:
+    """metrics.jsonl parsed by a strict JSON parser (NaN/Infinity tokens are refused)."""
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+    return [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- checkpoint and resume, bit for bit, for every variant ----------------------------------------
+VARIANTS = {  # variant: (ranks, settings); between them both splits, the three states, both aggregations
+    "sync": (4, ["train.momentum=0.9"]),
+    "v1": (5, ["sfl.variant=\"v1\"", "sfl.servers=2", "train.momentum=0.9", "sfl.state=\"memory\"",
+               "sfl.aggregation=\"decentralized\""]),
+    "v2": (4, ["sfl.variant=\"v2\"", "model.split=\"label-sharing\"", "train.momentum=0.9", "sfl.state=\"graph\""]),
+    "sl": (4, ["sfl.variant=\"sl\"", "train.momentum=0.9"]),
+    "fl": (3, ["sfl.variant=\"fl\"", "sfl.servers=0", "sfl.aggregation=\"decentralized\"", "train.momentum=0.9"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, variant):
+    """4 rounds straight vs the same run stopped by SIGTERM to mpiexec after its first round,
+    then `--resume`: the same model.pt and the same metrics rows, bit for bit (momentum on, so
+    the optimizer state must travel through the checkpoint too)."""
+    ranks, settings = VARIANTS[variant]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = ["train", *sets(RESUMABLE + settings)]
+    ok(mpirun(ranks, *args, "--set", f'run.out_dir="{straight}"'))
+    proc = start(ranks, *args, "--set", f'run.out_dir="{stopped}"')
+    wait_for(has_rows(stopped), 60, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 3, err[-3000:]
+    assert re.search(r"stopped by SIGTERM on rank \d at round \d, after step \d+ of 4 rounds", err), err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    meta = json.loads((stopped / "checkpoint" / "meta.json").read_text())
+    assert (meta["round"], meta["step"]) < (4, 0)  # it really stopped before the end
+    assert len(metrics(stopped)) < 4
+    ok(mpirun(ranks, *args, "--set", f'run.out_dir="{stopped}"', "--resume"))
+    a, b = load_model(straight), load_model(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert deterministic(metrics(straight)) == deterministic(metrics(stopped))
+    assert len(metrics(stopped)) == 4
+
+
+def test_resume_refuses_a_changed_run_and_extends_a_finished_one(tmp_path):
+    out = tmp_path / "run"
+    base = TINY + ["train.clients=2", f'run.out_dir="{out}"']
+    ok(mpirun(3, "train", *sets(base)))
+    for extra, words, ranks in ((["train.lr=0.1"], "cannot resume: train.lr = 0.1 here but 0.05", 3),
+                                (["model.split=\"label-sharing\""], "cannot resume: model.split", 3),
+                                ([], "resume with mpiexec -n 3", 4),
+                                ([], "has finished its 2 rounds; raise train.rounds", 3)):
+        proc = mpirun(ranks, "train", *sets(base + extra), "--resume", timeout=60)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
+    ok(mpirun(3, "train", *sets(base + ["train.rounds=3", 'run.progress="lines"']), "--resume"))
+    assert [r["round"] for r in metrics(out)] == [0, 1, 2]
+
+
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
+    """SIGUSR1 to a single client rank (not the launcher): the ranks agree and stop together."""
+    out = tmp_path / "run"
+    proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=20", f'run.out_dir="{out}"']))
+    wait_for(has_rows(out), 60, proc)
+    role, pid = pids(out)[3]
+    assert role == "client"
+    os.kill(pid, signal.SIGUSR1)
+    code, _, err = finish(proc)
+    assert code == 3 and "stopped by SIGUSR1 on rank 3" in err, err[-3000:]
+    assert (out / "checkpoint" / "meta.json").is_file() and not (out / "summary.json").exists()
+
+
+# -- stuck and dead ranks ------------------------------------------------------------------------
+def test_a_stopped_rank_times_out_with_its_name(tmp_path):
+    """SIGSTOP on a client rank (what a hung process looks like): past run.timeout_s the job ends,
+    naming that rank and its role, instead of stalling silently."""
+    out = tmp_path / "run"
+    proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=50", "run.timeout_s=4", "run.checkpoint_every=0", f'run.out_dir="{out}"']))
+    wait_for(has_rows(out), 60, proc)
+    role, pid = pids(out)[3]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        code, _, err = finish(proc, limit=60)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert time.monotonic() - t0 < 30
+    assert code == 5, err[-3000:]
+    assert "waited 4 s for rank 3 (client: logical client 2)" in err and "stuck or dead" in err, err[-3000:]
+    assert "Traceback" not in err and strict_rows(out)
+
+
+def test_a_killed_rank_ends_the_job_at_once(tmp_path):
+    """SIGKILL (the OOM killer's signal) cannot be caught: MPICH's mpiexec ends the whole job at
+    once and reports a pid (in our runs not always the killed one); ranks.tsv maps every pid it
+    can report to a rank and role."""
+    out = tmp_path / "run"
+    proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=50", f'run.out_dir="{out}"']))
+    wait_for(has_rows(out), 60, proc)
+    role, pid = pids(out)[1]
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    code, out_text, err = finish(proc)
+    assert code != 0 and time.monotonic() - t0 < 20
+    named = {int(p) for p in re.findall(r"PID (\d+)", out_text + err)}
+    assert role == "split_server" and named and named <= {p for _, p in pids(out).values()}, err[-2000:]
+
+
+# -- non-finite training ----------------------------------------------------------------------------
+def test_divergence_stops_with_a_message_and_keeps_strict_json(tmp_path):
+    """train.lr = 1e6: the run ends (exit 4) naming the round, step and logical client; no NaN
+    reaches model.pt or metrics.jsonl."""
+    out = tmp_path / "run"
+    proc = mpirun(4, "train", *sets(RESUMABLE + ["train.lr=1e6", f'run.out_dir="{out}"']), timeout=60)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert re.search(r"mpi-sfl: error: non-finite (loss|gradient)\S* in round 1, step \d+, logical client \d",
+                     proc.stderr), proc.stderr[-2000:]
+    assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
+    strict_rows(out)
+    if (out / "model.pt").exists():
+        assert all(torch.isfinite(v).all() for v in load_model(out).values())
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_batch_mid_run(tmp_path, mode):
+    """A NaN injected into one logical client's batch in round 2: `stop` ends the run naming that
+    batch and keeps round 1's model; `skip` drops exactly that batch, counts it, and finishes."""
+    out = tmp_path / "run"
+    proc = mpiscript(4, Path(__file__).with_name("mpi_nan_check.py"), str(out), mode, timeout=90)
+    rows = strict_rows(out)
+    if mode == "stop":
+        assert proc.returncode == 4, proc.stderr[-3000:]
+        assert re.search(r"non-finite (loss|gradient) in round 2, step 3, logical client 0", proc.stderr), proc.stderr[-2000:]
+        assert [r["round"] for r in rows] == [0]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert [r["batches_skipped"] for r in rows] == [0, 1, 0]
+        assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert all(torch.isfinite(v).all() for v in load_model(out).values())
+
+
+# -- full disks --------------------------------------------------------------------------------------
+def test_scratch_full_mid_run_stops_cleanly(tmp_path):
+    """The split server's scratch file system fills up: one message naming the path and the
+    setting, exit 4, no traceback, and no activation files left behind."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(scratch)], check=True)
+    try:
+        out = tmp_path / "run"
+        proc = mpirun(4, "train", *sets(RESUMABLE + [f'run.scratch_dir="{scratch}"', f'run.out_dir="{out}"']),
+                      timeout=60)
+        assert proc.returncode == 4, proc.stderr[-3000:]
+        assert f"cannot write to scratch {scratch}" in proc.stderr and "run.scratch_dir" in proc.stderr
+        assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
+        assert os.listdir(scratch) == []
+    finally:
+        subprocess.run(["umount", str(scratch)], check=True)
