@@ -19,10 +19,9 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
     scratch.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = scratch / "mpi_sfl-killed-r1-999"
+    stale = scratch / f"mpi_sfl-killed-r1-{dead.pid}@{socket.gethostname()}"
     stale.mkdir()
     (stale / "5f0c6f2d1c8b4bb1a8d8d7f2a2d3e4f5").write_bytes(b"\0" * 100)
-    (stale / ".owner").write_text(f"{socket.gethostname()} {dead.pid}\n")
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
