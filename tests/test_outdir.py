@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpi_sfl import outdir
+from mpi_sfl import config, outdir
 from mpi_sfl.errors import UserError
 from mpi_sfl.outdir import atomic_torch_save, atomic_write, prepare, release, strict_json
+from mpi_sfl.outputs import RunWriter
 
 HOST = socket.gethostname()
 
@@ -239,3 +240,29 @@ def test_a_failed_torch_save_keeps_the_old_model(tmp_path):
         atomic_torch_save({"w": torch.zeros(3), "bad": lambda: 0}, target)  # lambdas do not pickle
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_run_writer_strict_rows_resume_and_keeping_the_model(tmp_path):
+    cfg = config.load(None, [f'run.out_dir="{tmp_path}"', 'run.progress="none"'])
+    model = torch.nn.Linear(2, 1)
+    row = {"round": 0, "rounds": 3, "train_loss": math.nan, "test_loss": 1.0, "test_accuracy": 0.5, "seconds": 1.0}
+    w = RunWriter(cfg, 3, "t")
+    w.round(row, model)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    with torch.no_grad():
+        model.weight.fill_(math.nan)
+    w.round({**row, "round": 1}, model, write_model=False)  # a non-finite model does not replace the last good one
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], saved["weight"])
+    summary = w.finish({"seconds": 2.0, "train_samples_per_s": math.inf})
+    assert summary["final_train_loss"] is None and summary["train_samples_per_s"] is None
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["train_loss"] for line in lines] == [None, None] and "NaN" not in "".join(lines)
+    # resumed: exactly the rows given (a later, lost round dropped), then appended to
+    kept = [json.loads(lines[0])]
+    w = RunWriter(cfg, 3, "t", resume_rows=kept)
+    w.round({**row, "round": 1, "train_loss": 0.25}, model, write_model=False)
+    w.finish({"seconds": 2.0, "train_samples_per_s": 10.0})
+    assert [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
