@@ -11,17 +11,32 @@ import os
 
 from mpi4py import MPI
 
-from . import client, config, data, fed_server, split_server
+from . import client, config, data, fed_server, outdir, split_server
 from .errors import fail_together
 from .job import Job
 from .layout import CLIENT, FED, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
+from .outputs import space_needed
 from .state import make_scratch
 from .transport import polite_wait, set_wait_mode
 
 
-def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = None) -> None:
-    """Train on `comm` (default COMM_WORLD; a sub-communicator runs several jobs in one launch)."""
-    comm = comm or MPI.COMM_WORLD
+def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = None, start: str = "new") -> None:
+    """Train on `comm` (default COMM_WORLD; a sub-communicator runs several jobs in one launch).
+
+    `start` says what to do with run.out_dir (outdir.prepare): "new" refuses an earlier run's
+    results, "resume" continues from its checkpoint, "overwrite" replaces them. Rank 0 holds the
+    directory's lock from set-up until every rank is done, and gives it back on every way out
+    (a set-up error's exit included).
+    """
+    held: list[str] = []  # the out_dir rank 0 locked, once it has
+    try:
+        _run(cfg_path, overrides, comm or MPI.COMM_WORLD, start, held)
+    finally:
+        for out in held:
+            outdir.release(out)
+
+
+def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str, held: list[str]) -> None:
     local, local_size = local_rank(comm)
 
     def setup():
@@ -29,6 +44,9 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
         cfg = config.load(cfg_path, overrides)
         layout = Layout.from_config(cfg, comm.size)
         cfg = cfg.replace("train", clients=layout.clients)  # resolved: the written config.toml reruns as is
+        if comm.rank == 0:  # checked, created and locked before any work; nothing is written on failure
+            outdir.prepare(cfg.run.out_dir, start, space_needed(cfg))
+            held.append(cfg.run.out_dir)
         return cfg, layout
 
     cfg, layout = fail_together(comm, setup)

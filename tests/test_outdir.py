@@ -9,11 +9,13 @@ import os
 import socket
 import stat
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TINY, mpirun, ok, sets
 from mpi_sfl import config, outdir
 from mpi_sfl.errors import UserError
 from mpi_sfl.outdir import atomic_torch_save, atomic_write, prepare, release, strict_json
@@ -266,3 +268,77 @@ def test_run_writer_strict_rows_resume_and_keeping_the_model(tmp_path):
     assert [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2
     assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
+
+
+def test_the_command_line_says_how_to_start(monkeypatch):
+    from mpi_sfl import baseline, cli
+    assert cli.parser().parse_args(["train", "--resume"]).resume
+    for argv in (["train", "--resume", "--overwrite"], ["baseline", "--resume"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parser().parse_args(argv)
+        assert exc.value.code == 2
+    seen = []
+    monkeypatch.setattr(baseline, "run", lambda cfg, start: seen.append(start))
+    cli.main(["baseline"])
+    cli.main(["baseline", "--overwrite"])
+    assert seen == ["new", "overwrite"]
+
+
+# -- real jobs ----------------------------------------------------------------------------------------
+JOB = TINY + ["train.clients=2"]
+
+
+def train(out: Path, *extra: str, settings: list[str] = ()) -> subprocess.CompletedProcess:
+    return mpirun(3, "train", *sets(JOB + list(settings) + [f'run.out_dir="{out}"']), *extra, timeout=90)
+
+
+def refused(proc: subprocess.CompletedProcess, words: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert words in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_second_run_is_refused_until_overwrite(tmp_path):
+    out = tmp_path / "run"
+    ok(train(out))
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "model.pt", "config.toml")}
+    again = train(out, settings=["run.seed=1"])
+    refused(again, f"{out} holds the results of an earlier run")
+    assert "pass --resume to continue it or --overwrite to replace them (or set run.out_dir)" in again.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before  # untouched, byte for byte
+    ok(train(out, "--overwrite", settings=["run.seed=1"]))
+    assert (out / "model.pt").read_bytes() != before["model.pt"]
+    assert config.load(str(out / "config.toml")).run.seed == 1
+    assert sorted(os.listdir(out)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]  # lock released
+
+
+def test_a_file_as_out_dir_or_a_later_set_up_error_leaves_nothing(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    refused(train(f), f"output directory {f} is a regular file; set run.out_dir")
+    assert f.read_text() == "keep me"
+    # prepare succeeds, then the data set is missing: the job ends without an empty out_dir or a lock
+    out, empty = tmp_path / "out", tmp_path / "no-data"
+    empty.mkdir()
+    refused(train(out, settings=['data.dataset="fashion-mnist"', f'data.dir="{empty}"']), "lacks")
+    assert not out.exists()
+
+
+def test_two_jobs_into_one_out_dir(tmp_path):
+    """Started at once: one gets the lock and finishes; the other is refused naming the holder, and
+    leaves the winner's files alone (rounds differ, so metrics.jsonl tells whose run it is)."""
+    out = tmp_path / "shared"
+    longer = ["data.train_samples=960"]  # a run much longer than the gap between the two starts
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(train, out, settings=longer + [f"train.rounds={r}", f"run.seed={r}"]) for r in (3, 4)]
+        procs = [j.result() for j in jobs]
+    assert sorted(p.returncode for p in procs) == [0, 2], [p.stderr[-2000:] for p in procs]
+    winner = 3 if procs[0].returncode == 0 else 4
+    loser = procs[1] if winner == 3 else procs[0]
+    refused(loser, f"{out} is in use by another job (host {HOST}, pid ")
+    assert f"if that job is gone, delete {out / '.lock'}" in loser.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(winner)) and all(r["rounds"] == winner for r in rows)
+    assert config.load(str(out / "config.toml")).run.seed == winner
+    assert json.loads((out / "summary.json").read_text())["rounds"] == winner
+    assert not (out / ".lock").exists()
