@@ -25,11 +25,14 @@ data:
 # mpiexec hands the ranks pipes, not the terminal: ask for the progress bar when make has one.
 BAR := $(shell [ -t 2 ] && echo '--set run.progress="bar"')
 
+# `make run` starts the default job afresh each time (--overwrite); `make run ARGS=--resume` continues an interrupted one.
+START = $(if $(filter --resume,$(ARGS)),,--overwrite)
+
 run: setup
-	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m mpi_sfl train $(BAR) $(ARGS)
+	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m mpi_sfl train $(BAR) $(START) $(ARGS)
 
 baseline: setup
-	$(BIN)/mpi-sfl baseline --set run.out_dir=\"runs/baseline\" $(ARGS)
+	$(BIN)/mpi-sfl baseline --set run.out_dir=\"runs/baseline\" --overwrite $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

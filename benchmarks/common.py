@@ -70,16 +70,17 @@ def sets(settings: dict) -> list[str]:
 
 
 def train(ranks: int, settings: dict, out_dir: Path, limit: float = 240) -> dict:
-    """One SFL training job; returns {'summary': ..., 'metrics': [rows]} from its outputs."""
+    """One SFL training job; returns {'summary': ..., 'metrics': [rows]} from its outputs.
+    A benchmark re-measures: it replaces whatever an earlier invocation left in out_dir."""
     settings = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
-    mpi(ranks, ["-m", "mpi_sfl", "train", *sets(settings)], limit)
+    mpi(ranks, ["-m", "mpi_sfl", "train", *sets(settings), "--overwrite"], limit)
     return read_run(out_dir)
 
 
 def train_grouped(ranks: int, jobs: list[tuple[dict, Path]], limit: float = 300) -> list[dict]:
     """Independent SFL jobs of `ranks` ranks each, side by side in one launch (benchmarks._group_train).
     Only for figures that concurrency does not change (per-process peak memory), never timings."""
-    argv = ["-m", "benchmarks._group_train", "--ranks", str(ranks)]
+    argv = ["-m", "benchmarks._group_train", "--ranks", str(ranks)]  # its jobs overwrite, as train()'s
     for settings, out_dir in jobs:
         full = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
         if any(";" in o for o in overrides(full)):
@@ -90,9 +91,9 @@ def train_grouped(ranks: int, jobs: list[tuple[dict, Path]], limit: float = 300)
 
 
 def baseline(settings: dict, out_dir: Path, limit: float = 240) -> dict:
-    """The single-process unsplit reference on the same config."""
+    """The single-process unsplit reference on the same config (replacing an earlier invocation's)."""
     settings = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
-    python(["-m", "mpi_sfl", "baseline", *sets(settings)], limit)
+    python(["-m", "mpi_sfl", "baseline", *sets(settings), "--overwrite"], limit)
     return read_run(out_dir)
 
 

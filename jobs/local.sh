@@ -21,7 +21,8 @@ sweep() {  # sweep strong|weak
         if [ "$1" = strong ]; then SAMPLES=$TOTAL_SAMPLES; else SAMPLES=$((N * PER_CLIENT)); fi
         $BIN/mpiexec -n $((N + 1 + SERVERS)) $BIN/python -m mpi4py -m mpi_sfl train $SETTINGS \
             --set train.clients=$N --set sfl.servers=$SERVERS --set data.train_samples=$SAMPLES \
-            --set train.rounds=$ROUNDS --set run.progress=\"lines\" --set "run.out_dir=\"$RESULTS/$1/n$N\""
+            --set train.rounds=$ROUNDS --set run.progress=\"lines\" --set "run.out_dir=\"$RESULTS/$1/n$N\"" \
+            --overwrite  # RESULTS=an earlier sweep's dir re-measures it
     done
     $BIN/python -m benchmarks.scaling_report "$1" "$RESULTS/$1"
 }

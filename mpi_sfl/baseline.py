@@ -1,6 +1,6 @@
 """`mpi-sfl baseline`: the same model, data, seed and sample order, unsplit, in one process.
 
-    mpi-sfl baseline [CONFIG.toml] [--set section.key=value ...]
+    mpi-sfl baseline [CONFIG.toml] [--set section.key=value ...] [--overwrite]
 
 It follows the configured variant's schedule of updates (`schedule`): each update consumes the
 concatenation of some logical clients' batches with the mean loss over all its samples —
@@ -13,29 +13,33 @@ must land on this model to float32 round-off (the exactness property).
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, models
+from . import data, models, outdir
 from .errors import UserError
 from .layout import pick_device, set_threads
 from .models import Part
-from .outputs import RunWriter, evaluate
+from .outputs import RunWriter, evaluate, space_needed
 
 
-def run(cfg) -> dict:
+def run(cfg, start: str = "new") -> dict:
+    """Train and write run.out_dir; `start` is "new" (refuse an earlier run's results, an SFL run's
+    included) or "overwrite" (replace them), as outdir.prepare checks them."""
     if cfg.train.clients == 0:
         raise UserError("train.clients = 0 means one per client rank, which a single process "
                         "cannot know: set train.clients, or pass the config.toml an SFL run wrote")
-    out = Path(cfg.run.out_dir)
-    if (out / "summary.json").is_file() and json.loads((out / "summary.json").read_text()).get("mode") == "sfl":
-        raise UserError(f"{out} holds an SFL run's results, which the baseline would overwrite; "
-                        f"pass --set run.out_dir=... (for example {out.parent / 'baseline'})")
+    outdir.prepare(cfg.run.out_dir, start, space_needed(cfg), can_resume=False)
+    try:
+        return _train(cfg)
+    finally:
+        outdir.release(cfg.run.out_dir)
+
+
+def _train(cfg) -> dict:
     device = pick_device(cfg.run.device, 0)
     set_threads(cfg.run.threads, 1)
     train, test = data.load(cfg, "train"), data.load(cfg, "test")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outdir import atomic_write, fsync_dir
 
 CURRENT, OLD, TMP = "checkpoint", "checkpoint.old", "checkpoint.tmp"
 FORMAT = 1
@@ -42,22 +43,6 @@ def partition_digest(shards: list[np.ndarray]) -> str:
         h.update(np.asarray(s, np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Write, flush and fsync `path` (inside a directory that is swapped in only when complete)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(comm, out_dir: str, state: dict, meta: dict, agree) -> str | None:
@@ -78,20 +63,19 @@ def save(comm, out_dir: str, state: dict, meta: dict, agree) -> str | None:
         try:
             buf = io.BytesIO()
             torch.save(state, buf)
-            durable_write(path, buf.getvalue())
+            atomic_write(path, buf.getvalue())
         except OSError as exc:
             err = f"cannot write {path} ({exc.strerror}); free space there or set run.out_dir"
         if not agree(err is not None) and comm.rank == 0:
             try:
-                durable_write(tmp / "meta.json", (json.dumps({**meta, "format": FORMAT, "world": comm.size,
+                atomic_write(tmp / "meta.json", (json.dumps({**meta, "format": FORMAT, "world": comm.size,
                                                               "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                                                              indent=1) + "\n").encode())
-                _fsync_dir(tmp)
                 if (out / CURRENT).exists():
                     shutil.rmtree(out / OLD, ignore_errors=True)
                     os.replace(out / CURRENT, out / OLD)
                 os.replace(tmp, out / CURRENT)
-                _fsync_dir(out)
+                fsync_dir(out)
                 shutil.rmtree(out / OLD, ignore_errors=True)
             except OSError as exc:
                 err = f"cannot complete the checkpoint in {out} ({exc.strerror}); free space there or set run.out_dir"

@@ -1,6 +1,8 @@
-"""Command line: `mpi-sfl train|baseline [CONFIG.toml] [--set section.key=value ...]`, `mpi-sfl plot`.
+"""Command line: `mpi-sfl train|baseline [CONFIG.toml] [--set section.key=value ...] [--resume|--overwrite]`,
+`mpi-sfl plot`.
 
     mpiexec -n 4 python -m mpi4py -m mpi_sfl train            # the default job
+    mpiexec -n 4 python -m mpi4py -m mpi_sfl train --resume   # ...continued after an interruption
     mpi-sfl baseline runs/default/config.toml                 # its single-process reference
     mpi-sfl plot runs/default runs/baseline                   # their curves, as a PNG
 """
@@ -23,8 +25,13 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", help="TOML config (default: the packaged default.toml)")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value; repeatable")
+        start = s.add_mutually_exclusive_group()
         if name == "train":
-            s.add_argument("--resume", action="store_true", help="continue the run in run.out_dir from its checkpoint")
+            start.add_argument("--resume", action="store_true",
+                               help="continue the interrupted run in run.out_dir from its checkpoint")
+        start.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier run's results in run.out_dir (removes only the files "
+                                "mpi-sfl writes); without it, or --resume, such a directory is refused")
     s = sub.add_parser("plot", help="loss and accuracy curves of finished runs (PNG)",
                        description="loss and accuracy curves from the metrics.jsonl of one or more runs")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's out_dir (holds metrics.jsonl)")
@@ -34,11 +41,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    start = "resume" if getattr(args, "resume", False) else "overwrite" if getattr(args, "overwrite", False) else "new"
     if args.command in ("baseline", "plot"):
         try:
             if args.command == "baseline":
                 from . import baseline, config
-                baseline.run(config.load(args.config, args.overrides))
+                baseline.run(config.load(args.config, args.overrides), start=start)
             else:
                 from . import plot
                 print(plot.plot(args.runs, args.out or str(Path(args.runs[0]) / "curves.png")))
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from . import train
     try:
-        train.main(args.config, args.overrides, start="resume" if args.resume else "new")
+        train.main(args.config, args.overrides, start=start)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -11,8 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import models
 from .config import to_toml
 from .layout import ROLE_NAMES
+from .outdir import atomic_torch_save, atomic_write, strict_json
 from .timing import PHASES
 
 
@@ -31,17 +32,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     return loss / len(y), correct / len(y)
 
 
-def _finite(obj):
-    """Non-finite floats as null, so metrics stay strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def role_rows(stats: np.ndarray) -> dict:
     """Per-role totals from the gathered per-rank stats rows (job.STATS)."""
     out = {}
@@ -54,36 +44,51 @@ def role_rows(stats: np.ndarray) -> dict:
     return out
 
 
+def space_needed(cfg) -> int:
+    """A rough floor on the disk space a run needs in run.out_dir (checked by outdir.prepare):
+    64 MiB for the metrics, config and slack, plus 4 float32 copies of the model — model.pt, its
+    temporary while it is replaced, and a checkpoint's weights and momentum buffers."""
+    with torch.random.fork_rng(devices=[]):  # building seeds torch; leave the caller's RNG as it was
+        params = sum(p.numel() for p in models.build(cfg.model.name, 0).parameters())
+    return 64 * 2**20 + 4 * params * 4
+
+
 class RunWriter:
-    """Writes the outputs of one run into run.out_dir and shows progress. Rank 0 only."""
+    """Writes the outputs of one run into run.out_dir and shows progress. Rank 0 only.
+
+    The directory was checked and locked by outdir.prepare. Every file is written so that a job
+    killed at any moment keeps what it finished: config.toml, model.pt and summary.json are replaced
+    atomically, metrics.jsonl gets one fsync'd strict-JSON line per round. `resume_rows` (a resumed
+    run) rewrites metrics.jsonl with exactly those rows, then appends to it.
+    """
 
     def __init__(self, cfg, rounds: int, label: str, resume_rows: list[dict] | None = None):
         self.dir = Path(cfg.run.out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.toml").write_text(to_toml(cfg))
-        self.metrics = (self.dir / "metrics.jsonl").open("w")
-        for row in resume_rows or []:
-            self.metrics.write(json.dumps(row) + "\n")
+        self.dir.mkdir(exist_ok=True)
+        atomic_write(self.dir / "config.toml", to_toml(cfg).encode())
+        self.rows = list(resume_rows or [])
+        if resume_rows is not None:
+            atomic_write(self.dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in self.rows).encode())
+        self.metrics = (self.dir / "metrics.jsonl").open("a" if resume_rows is not None else "w")
         mode = cfg.run.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode, self.label, self.rows = mode, label, []
+        self.mode, self.label = mode, label
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
-            self.bar = tqdm(total=rounds, desc=label, unit="round", file=sys.stderr)
+            self.bar = tqdm(total=rounds, initial=len(self.rows), desc=label, unit="round", file=sys.stderr)
 
-    def round(self, row: dict, model: torch.nn.Module, write_model: bool = True) -> None:
-        """Record a finished round: its metrics row and the model as of now, so a job killed
-        later keeps every completed round (model.pt is replaced atomically)."""
+    def round(self, row: dict, model: torch.nn.Module, *, write_model: bool = True) -> None:
+        """Record a finished round: its metrics row and (unless write_model=False, e.g. when the
+        model is not finite) the model as of now, so a job killed later keeps every completed round."""
         self.rows.append(row)
-        self.metrics.write(json.dumps(_finite(row), allow_nan=False) + "\n")
+        self.metrics.write(strict_json(row) + "\n")
         self.metrics.flush()
+        os.fsync(self.metrics.fileno())
         if write_model:
-            tmp = self.dir / "model.pt.tmp"
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, self.dir / "model.pt")
-        brief = (f"loss {row['train_loss']:.4g} test_loss {row['test_loss']:.4g} "
+            atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dir / "model.pt")
+        brief = (f"loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f} "
                  f"acc {row['test_accuracy']:.4f} {row['seconds']:.1f}s")
         if self.bar is not None:
             self.bar.set_postfix_str(brief)
@@ -95,16 +100,22 @@ class RunWriter:
         return self.rows[-1].get("rounds", len(self.rows))
 
     def finish(self, summary: dict) -> dict:
+        """Write summary.json (strict JSON: non-finite figures become null) and return it as written."""
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
         last = self.rows[-1] if self.rows else {}
         summary = {"final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
                    "final_test_accuracy": last.get("test_accuracy"), "rounds": len(self.rows), **summary}
-        summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = strict_json(summary, indent=2)
+        atomic_write(self.dir / "summary.json", (text + "\n").encode())
         if self.mode != "none":
-            print(f"[{self.label}] done: test accuracy {summary['final_test_accuracy']:.4f}, "
-                  f"{summary['seconds']:.1f}s, {summary['train_samples_per_s']:.0f} samples/s -> {self.dir}",
-                  file=sys.stderr, flush=True)
-        return summary
+            print(f"[{self.label}] done: test accuracy {_num(summary['final_test_accuracy'], '.4f')}, "
+                  f"{_num(summary['seconds'], '.1f')}s, {_num(summary['train_samples_per_s'], '.0f')} samples/s "
+                  f"-> {self.dir}", file=sys.stderr, flush=True)
+        return json.loads(text)
+
+
+def _num(v, spec: str) -> str:
+    """A figure for the progress line; None (e.g. no finished round) prints as n/a."""
+    return "n/a" if v is None else format(v, spec)

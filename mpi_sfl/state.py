@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .outdir import pid_alive
 from .transport import ACT, HEADER_LEN, Header, as_buffer
 
 Key = tuple[int, int, int]  # (round, step, logical client)
@@ -160,7 +161,9 @@ def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.
 
 
 # -- scratch directory ------------------------------------------------------------------------
-OWNER_FILE = ".owner"
+# A server's scratch dir is named mpi_sfl-<job>-<pid>@<host>: the name alone says who owns it, so a
+# directory whose set-up failed half-way (disk full) can still be recognised and cleaned later.
+# '@' never occurs in a host name.
 PREFIX = "mpi_sfl-"
 
 
@@ -168,43 +171,54 @@ def scratch_base(configured: str) -> Path:
     return Path(configured or os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def scratch_name(job: str, pid: int, host: str) -> str:
+    return f"{PREFIX}{job}-{pid}@{host}"
+
+
+def scratch_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) from a scratch dir's name, or None if it is not one of ours."""
+    if not name.startswith(PREFIX) or "@" not in name:
+        return None
+    rest, host = name[len(PREFIX):].rsplit("@", 1)
+    pid = rest.rsplit("-", 1)[-1]
+    return (host, int(pid)) if host and pid.isdigit() and "-" in rest else None
 
 
 def clean_stale(base: Path) -> list[Path]:
-    """Remove scratch dirs of mpi_sfl servers on this host whose process is gone (killed jobs)."""
+    """Remove scratch dirs of mpi_sfl servers on this host whose process is gone (killed jobs):
+    only directories of this user, named by scratch_name with this host and a dead pid."""
     removed = []
     host = socket.gethostname()
     for d in base.glob(PREFIX + "*"):
-        try:
-            owner_host, pid = (d / OWNER_FILE).read_text().split()
-        except (OSError, ValueError):
+        owner = scratch_owner(d.name)
+        if owner is None or owner[0] != host or pid_alive(owner[1]):
             continue
-        if d.is_dir() and d.stat().st_uid == os.getuid() and owner_host == host and not _pid_alive(int(pid)):
+        try:
+            mine = d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
 
 
 def make_scratch(configured: str, job: str) -> Path:
-    """A fresh 0700 per-job dir for this server process, after clearing stale ones."""
+    """A fresh 0700 per-job dir for this server process, after clearing stale ones. If it cannot be
+    set up, nothing of it is left behind."""
     base = scratch_base(configured)
+    d = base / scratch_name(job, os.getpid(), socket.gethostname())
+    created = False
     try:
         base.mkdir(parents=True, exist_ok=True)
         clean_stale(base)
-        d = base / f"{PREFIX}{job}-{os.getpid()}"
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(mode=0o700)
+        created = True
         os.chmod(d, 0o700)
-        (d / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as exc:
-        raise UserError(f"cannot use scratch dir under {base} ({exc}); set run.scratch_dir") from None
+        if created:
+            shutil.rmtree(d, ignore_errors=True)
+        raise UserError(f"cannot use scratch dir {d} ({exc}); set run.scratch_dir") from None
     return d

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from . import checkpoint, client, config, control, data, fed_server, split_server
+from . import checkpoint, client, config, control, data, fed_server, outdir, split_server
 from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
 from .layout import CLIENT, FED, ROLE_NAMES, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
+from .outputs import space_needed
 from .state import make_scratch
 from .transport import PeerTimeout, polite_wait, set_describer, set_wait_mode
 
@@ -32,9 +33,22 @@ ROLES = {FED: fed_server.FedServer, SERVER: split_server.SplitServer, CLIENT: cl
 
 def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = None, start: str = "new") -> None:
     """Train on `comm` (default COMM_WORLD; a sub-communicator runs several jobs in one launch).
-    start: "new", "resume" (continue from run.out_dir's checkpoint) or "overwrite"."""
+
+    `start` says what to do with run.out_dir (outdir.prepare): "new" refuses an earlier run's
+    results, "resume" continues from its checkpoint, "overwrite" replaces them. Rank 0 holds the
+    directory's lock from set-up until every rank is done, and gives it back on every way out
+    (a set-up error's exit and a stop's included).
+    """
     control.install_handlers()
-    comm = comm or MPI.COMM_WORLD
+    held: list[str] = []  # the out_dir rank 0 locked, once it has
+    try:
+        _run(cfg_path, overrides, comm or MPI.COMM_WORLD, start, held)
+    finally:
+        for out in held:
+            outdir.release(out)
+
+
+def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str, held: list[str]) -> None:
     local, local_size = local_rank(comm)
 
     def setup():
@@ -42,6 +56,9 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
         cfg = config.load(cfg_path, overrides)
         layout = Layout.from_config(cfg, comm.size)
         cfg = cfg.replace("train", clients=layout.clients)  # resolved: the written config.toml reruns as is
+        if comm.rank == 0:  # checked, created and locked before any work; nothing is written on failure
+            outdir.prepare(cfg.run.out_dir, start, space_needed(cfg))
+            held.append(cfg.run.out_dir)
         return cfg, layout
 
     cfg, layout = fail_together(comm, setup)

@@ -19,10 +19,9 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
     scratch.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = scratch / "mpi_sfl-killed-r1-999"
+    stale = scratch / f"mpi_sfl-killed-r1-{dead.pid}@{socket.gethostname()}"
     stale.mkdir()
     (stale / "5f0c6f2d1c8b4bb1a8d8d7f2a2d3e4f5").write_bytes(b"\0" * 100)
-    (stale / ".owner").write_text(f"{socket.gethostname()} {dead.pid}\n")
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
@@ -49,14 +48,19 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
 def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
     sfl_out = tmp_path_factory.mktemp("sfl")
     ok(mpirun(3, "train", *sets(TINY + ["train.clients=2", f'run.out_dir="{sfl_out}"'])))
+    before = {name: (sfl_out / name).read_bytes() for name in os.listdir(sfl_out)}
     refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
-    assert refused.returncode == 2 and "holds an SFL run's results" in refused.stderr
+    assert refused.returncode == 2 and f"{sfl_out} holds the results of an earlier run" in refused.stderr
+    assert "pass --overwrite to replace them" in refused.stderr and "--resume" not in refused.stderr
+    assert {name: (sfl_out / name).read_bytes() for name in os.listdir(sfl_out)} == before
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
     assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
     assert sorted(os.listdir(sfl_out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "ranks.tsv",
                                            "summary.json"]  # SFL also: its checkpoint and which pid is which rank
     assert load_model(tmp_path).keys() == load_model(sfl_out).keys()
     assert len(metrics(tmp_path)) == 2
+    ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"', "--overwrite"))
+    assert len(metrics(tmp_path)) == 2 and not (tmp_path / ".lock").exists()
 
 
 def test_a_crash_ends_the_job_and_keeps_finished_rounds(tmp_path):

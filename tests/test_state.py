@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 
 import pytest
 import torch
 
-from mpi_sfl import models
-from mpi_sfl.state import GraphState, clean_stale, make_scratch, make_state, OWNER_FILE
+from mpi_sfl import models, state
+from mpi_sfl.errors import UserError
+from mpi_sfl.state import GraphState, clean_stale, make_scratch, make_state, scratch_name, scratch_owner
 
 
 @pytest.mark.parametrize("grad_input", [True, False])
@@ -35,32 +37,55 @@ def test_modes_agree_exactly_with_dropout(tmp_path, grad_input):
         assert torch.equal(z1, m1) and torch.equal(z2, m2)
         assert all(torch.equal(a, b) for a, b in zip(grads, mg))
         assert (gh is None and mgh is None) if not grad_input else torch.equal(gh, mgh)
-    assert sorted(os.listdir(scratch)) == [OWNER_FILE]  # every activation file was consumed
+    assert os.listdir(scratch) == []  # every activation file was consumed
 
 
 def test_file_state_keeps_tensors_out_of_ram(tmp_path):
     scratch = make_scratch(str(tmp_path), "t")
     st = make_state("file", True, scratch, torch.device("cpu"))
     st.forward((0, 3, 7), models.build("mlp", 0).body, torch.randn(4, 64), seed=1)
-    files = [f for f in os.listdir(scratch) if f != OWNER_FILE]
+    files = os.listdir(scratch)
     assert len(files) == 1 and len(files[0]) == 32 and int(files[0], 16) >= 0  # a uuid4 hex name
     assert all(isinstance(v, str) for v in st._names.values())
     st.close()
-    assert sorted(os.listdir(scratch)) == [OWNER_FILE]
+    assert os.listdir(scratch) == []
 
 
 def test_scratch_is_private_and_stale_dirs_are_cleaned(tmp_path):
-    d = make_scratch(str(tmp_path), "job")
+    d = make_scratch(str(tmp_path), "job-r1")
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert scratch_owner(d.name) == (socket.gethostname(), os.getpid())  # the name says who owns it
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / "mpi_sfl-old-1"
+    host = socket.gethostname()
+    stale = tmp_path / scratch_name("old-r1", dead.pid, host)
     stale.mkdir()
     (stale / "0123abcd").write_bytes(b"x" * 10)
-    import socket
-    (stale / OWNER_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")
-    assert clean_stale(tmp_path) == [stale]
-    assert not stale.exists() and d.exists()  # a live owner's dir is kept
+    empty = tmp_path / scratch_name("local-r2", dead.pid, host)  # a set-up that failed half-way
+    empty.mkdir()
+    elsewhere = tmp_path / scratch_name("old-r1", dead.pid, "another-host")
+    elsewhere.mkdir()
+    other = tmp_path / "mpi_sfl-not-ours"
+    other.mkdir()
+    assert sorted(clean_stale(tmp_path)) == sorted([stale, empty])
+    assert not stale.exists() and not empty.exists()
+    assert d.exists() and elsewhere.exists() and other.exists()  # live owner, other host, unparseable: kept
+
+
+def test_scratch_names_parse_back():
+    assert scratch_owner(scratch_name("123-r4", 77, "node-7.cluster")) == ("node-7.cluster", 77)
+    assert scratch_owner("mpi_sfl-x-12") is None and scratch_owner("mpi_sfl-x-ab@h") is None
+    assert scratch_owner("other-1-2@h") is None and scratch_owner("mpi_sfl-12@h") is None
+
+
+def test_failed_scratch_set_up_leaves_nothing(tmp_path, monkeypatch):
+    """A failure after the dir is made (here chmod; in life a full disk) removes it before the error."""
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(state.os, "chmod", refuse)
+    with pytest.raises(UserError, match=r"cannot use scratch dir .*No space left on device.*set run.scratch_dir"):
+        make_scratch(str(tmp_path), "job-r1")
+    assert os.listdir(tmp_path) == []
 
 
 def test_graph_state_retains_graph_memory_does_not():
