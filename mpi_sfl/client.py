@@ -94,6 +94,7 @@ class ClientRank:
                                      job.timers)
         self.buf = torch.zeros_like(self.clients[0].flat)
         self.relay_bytes = 0
+        job.transport.patience = 1.5  # a stuck client is named by its split server, which waits less
         self.holder: int | None = None  # sl: the logical client that holds the relayed model
         # This round so far (kept on the object: a checkpoint can fall between two steps).
         self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0

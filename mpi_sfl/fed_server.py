@@ -66,7 +66,7 @@ class FedServer:
                 reqs.append(job.comm.Irecv(self.client_buf[:-1], source=source, tag=WEIGHTS_TAG))
             polite_wait(reqs, who=lambda: " and ".join(describe(r) for r in
                                                        [job.layout.first_server] * cfg.split + [source] * (source is not None))
-                        + " to send the round's weights")
+                        + " to send the round's weights", patience=1.5)
         stats = job.gather_stats(job.stats(FED, 0.0, 0.0, self.aggregator.bytes_sent, MPI.Wtime() - t0))
         seconds = float(stats["round_seconds"][1:].max())  # the training ranks' round; eval of the last overlaps it
         self.train_seconds += seconds

@@ -77,15 +77,16 @@ def set_wait_mode(mode: str, oversubscribed: bool, timeout_s: float = 0.0) -> No
 
 def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
                 status: MPI.Status | None = None, who: str | Callable[[], str] = "a peer",
-                collective: bool = False) -> int:
+                collective: bool = False, patience: float = 1.0) -> int:
     """Wait for all of `reqs` (or, with any_=True, one: its index); returns that index or -1.
 
     In poll mode, tests and sleeps 10 us doubling to 200 us: a woken rank sees its message within
     about 0.2 ms, and a waiting rank uses a few percent of a core instead of all of it. In spin
     mode it tests without sleeping (a blocking MPI wait could not be bounded). Past run.timeout_s
-    it raises PeerTimeout naming `who` (a string, or a function that makes one). A collective
-    waits twice as long: where a point-to-point wait can name the rank that stopped answering,
-    it fires first.
+    it raises PeerTimeout naming `who` (a string, or a function that makes one), after
+    `patience` x run.timeout_s. A collective waits twice as long, and a client waiting on its split
+    server 1.5x (Transport.patience): the split server, which waits on the clients themselves,
+    then times out first and names the client that stopped answering.
     """
     if isinstance(reqs, MPI.Request):
         reqs, any_ = [reqs], True
@@ -94,7 +95,7 @@ def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
             return MPI.Request.Waitany(reqs, status)
         MPI.Request.Waitall(reqs)
         return -1
-    limit = _timeout * (2 if collective else 1) or float("inf")
+    limit = _timeout * (2 if collective else patience) or float("inf")
     delay, deadline = (1e-5 if _poll else 0.0), time.monotonic() + limit
     while True:
         if any_:
@@ -137,6 +138,7 @@ class Transport:
         self.device = device
         self.timers = timers or Timers()
         self.bytes_sent = 0
+        self.patience = 1.0  # x run.timeout_s for waits on a peer (clients: 1.5, see polite_wait)
         self._pool: dict[tuple, torch.Tensor] = {}
         self._sending: list[tuple[list[MPI.Request], int, object, object]] = []  # reqs, dest, buffers
 
@@ -167,7 +169,7 @@ class Transport:
             t0 = MPI.Wtime()
             polite_wait([r for reqs, _, _, _ in self._sending for r in reqs],
                         who=lambda: " and ".join(describe(d) for d in sorted({d for _, d, _, _ in self._sending}))
-                        + " to take this rank's messages")
+                        + " to take this rank's messages", patience=self.patience)
             self.timers.add("p2p_wait", MPI.Wtime() - t0)
             self._sending.clear()
 
@@ -187,7 +189,8 @@ class Transport:
         if buf is None:
             buf = self._pool[key] = torch.empty(header.shape, dtype=header.dtype)
         t0 = MPI.Wtime()
-        polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1), who=lambda: describe(source))
+        polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1), who=lambda: describe(source),
+                    patience=self.patience)
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
         return buf if self.device.type == "cpu" else buf.to(self.device)
 
@@ -202,7 +205,7 @@ class Transport:
 
     def wait(self, req: MPI.Request, status: MPI.Status | None = None, who="a peer") -> None:
         t0 = MPI.Wtime()
-        polite_wait(req, status=status, who=who)
+        polite_wait(req, status=status, who=who, patience=self.patience)
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
 
 
@@ -228,12 +231,15 @@ class Inbox:
 
     def owing(self) -> str:
         """The peers whose messages are still due (for a timeout's message)."""
-        return " and ".join(f"{describe(src)} ({n} message(s))" for (src, _), n in sorted(self.left.items()) if n)
+        owed: dict[int, int] = {}
+        for (src, _), n in self.left.items():
+            owed[src] = owed.get(src, 0) + n
+        return " and ".join(f"{describe(src)} ({n} message(s))" for src, n in sorted(owed.items()) if n)
 
     def next(self) -> tuple[int, Header]:
         """(source, header) of the next message; receive its payload with recv_payload."""
         t0 = MPI.Wtime()
-        idx = polite_wait(self.reqs, any_=True, who=self.owing)
+        idx = polite_wait(self.reqs, any_=True, who=self.owing, patience=self.t.patience)
         self.t.timers.add("p2p_wait", MPI.Wtime() - t0)
         src, kind, header = self.meta[idx]
         self.left[(src, kind)] -= 1

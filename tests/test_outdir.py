@@ -309,7 +309,8 @@ def test_a_second_run_is_refused_until_overwrite(tmp_path):
     ok(train(out, "--overwrite", settings=["run.seed=1"]))
     assert (out / "model.pt").read_bytes() != before["model.pt"]
     assert config.load(str(out / "config.toml")).run.seed == 1
-    assert sorted(os.listdir(out)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]  # lock released
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "ranks.tsv",
+                                       "summary.json"]  # lock released
 
 
 def test_a_file_as_out_dir_or_a_later_set_up_error_leaves_nothing(tmp_path):
