@@ -4,7 +4,7 @@ Every rank calls `Control.step_done()` once at every step boundary (the fed serv
 same step loop). Each call contributes this rank's reason to stop to a 1-int Iallreduce(MAX) on a
 communicator of its own and completes the one posted at the previous boundary, so the agreement
 costs no extra round trip: a signal that arrives during step k is seen by every rank at the end of
-step k+1, and all ranks stop at that same boundary (docs/design.md §8).
+step k+1, and all ranks stop at that same boundary (docs/design.md §7).
 
 Reasons, the larger wins:
 - SIGNAL: SIGTERM, SIGINT or SIGUSR1 on any rank (mpiexec and srun forward them to every rank):
