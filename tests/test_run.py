@@ -48,11 +48,11 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
 def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
     sfl_out = tmp_path_factory.mktemp("sfl")
     ok(mpirun(3, "train", *sets(TINY + ["train.clients=2", f'run.out_dir="{sfl_out}"'])))
-    before = {name: (sfl_out / name).read_bytes() for name in os.listdir(sfl_out)}
+    before = {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()}
     refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
     assert refused.returncode == 2 and f"{sfl_out} holds the results of an earlier run" in refused.stderr
     assert "pass --overwrite to replace them" in refused.stderr and "--resume" not in refused.stderr
-    assert {name: (sfl_out / name).read_bytes() for name in os.listdir(sfl_out)} == before
+    assert {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()} == before
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
     assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
     assert sorted(os.listdir(sfl_out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "ranks.tsv",
