@@ -1,6 +1,7 @@
 """Client-side FedAvg over MPI: one flat float32 buffer per collective.
 
-Each logical client's parameters are views into one flat tensor with a spare last slot, so
+Each logical client's parameters, then its running buffers (BatchNorm statistics: FedAvg averages
+them with the weights, docs/design.md §4), are views into one flat tensor with a spare last slot, so
 "flatten" is free. A client rank fills the slot with the samples trained since the last averaging
 and contributes sum_i n_i W_i (and sum_i n_i) in one buffer:
 - centralized: Reduce(SUM) to the fed server on the fed+clients communicator, which divides and
@@ -26,22 +27,53 @@ WHO = "every client rank to join the client-side averaging"
 BUCKET = 2**21  # float32 elements per collective (8 MiB)
 
 
+def averaged_buffers(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The buffers FedAvg averages with the weights: floating-point ones (BatchNorm's running
+    statistics) and integer scalars (its num_batches_tracked counter, held as float32 while training:
+    exact up to 2**24 batches). Other integer buffers (index tables) are left alone."""
+    out = []
+    for mod in module.modules():
+        for name, b in mod._buffers.items():
+            if b is not None and (b.is_floating_point() or b.dim() == 0):
+                out.append((mod, name))
+    return out
+
+
 def flatten_params(modules: Iterable[nn.Module], device: torch.device) -> torch.Tensor:
-    """Copy the parameters into one float32 buffer of length P + 1 and make them views of it."""
+    """Copy the parameters, then the averaged buffers, into one float32 buffer of length P + B + 1
+    and make them views of it (the last slot is the averaging weight)."""
+    modules = list(modules)
     params = [p for m in modules for p in m.parameters()]
-    flat = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float32, device=device)
+    bufs = [(mod, name) for m in modules for mod, name in averaged_buffers(m)]
+    sizes = [p.numel() for p in params] + [mod._buffers[name].numel() for mod, name in bufs]
+    flat = torch.zeros(sum(sizes) + 1, dtype=torch.float32, device=device)
     offset = 0
     for p in params:
         n = p.numel()
         flat[offset:offset + n].copy_(p.detach().reshape(-1))
         p.data = flat[offset:offset + n].view_as(p)
         offset += n
+    for mod, name in bufs:
+        b = mod._buffers[name]
+        n = b.numel()
+        flat[offset:offset + n].copy_(b.detach().reshape(-1))
+        # `.data`: a view of the flat storage with a version counter of its own. As plain views all
+        # buffers would share the flat's counter, and a BatchNorm updating its statistics in place
+        # would look to autograd like a change of every other BatchNorm's saved statistics.
+        mod._buffers[name] = flat[offset:offset + n].view(b.shape).data
+        offset += n
     return flat
 
 
-def attach_flat_grads(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """A zeroed float32 buffer of length P + 1 whose slices are the parameters' .grad tensors."""
-    flat = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float32, device=device)
+def param_count(modules: Iterable[nn.Module]) -> int:
+    """P: where the buffers begin in a flat_params buffer."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def attach_flat_grads(params: list[nn.Parameter], device: torch.device, extra: int = 0) -> torch.Tensor:
+    """A zeroed float32 buffer of length P + extra + 1 whose first P slots are the parameters' .grad
+    tensors (sync's split server sums its clients' buffers in the `extra` slots)."""
+    flat = torch.zeros(sum(p.numel() for p in params) + extra + 1, dtype=torch.float32, device=device)
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)

@@ -8,7 +8,9 @@ sync, v1, fl: one update per step over every client that has a batch in it; v2: 
 client batch, a step's clients in the round's seeded order; sl: clients in the round's order, each
 over its whole shard, one update per batch. Parts that draw random numbers (dropout) run per client
 chunk under the same per-(round, step, client, part) seeds the SFL ranks use; the others run on the
-whole concatenated batch. Where a variant is single-model SGD (docs/design.md §3 lists when), its run
+whole concatenated batch. Parts with running buffers (BatchNorm) also run per client chunk, each
+chunk from the update's starting buffers, which then become the chunks' sample-weighted average:
+what FedAvg does with them in SFL (docs/design.md §4). Where a variant is single-model SGD (docs/design.md §3 lists when), its run
 must land on this model to float32 round-off (the exactness property).
 """
 from __future__ import annotations
@@ -32,20 +34,21 @@ def run(cfg, start: str = "new") -> dict:
     if cfg.train.clients == 0:
         raise UserError("train.clients = 0 means one per client rank, which a single process "
                         "cannot know: set train.clients, or pass the config.toml an SFL run wrote")
-    outdir.prepare(cfg.run.out_dir, start, space_needed(cfg), can_resume=False)
+    spec, summary = models.for_config(cfg)
+    outdir.prepare(cfg.run.out_dir, start, space_needed(summary), can_resume=False)
     try:
-        return _train(cfg)
+        return _train(cfg, spec)
     finally:
         outdir.release(cfg.run.out_dir)
 
 
-def _train(cfg) -> dict:
+def _train(cfg, spec: models.Spec) -> dict:
     device = pick_device(cfg.run.device, 0)
     set_threads(cfg.run.threads, 1)
     train, test = data.load(cfg, "train"), data.load(cfg, "test")
     shards = data.partition(train.y.numpy(), cfg.train.clients, cfg)
     seed = cfg.run.seed
-    model = models.build(cfg.model.name, seed).to(device).train()
+    model = spec.build(seed).to(device).train()
     if cfg.model.freeze_encoder:
         model.encoder.requires_grad_(False)
     # The parts as the variant runs them, each seeded as its rank seeds it (label-sharing: the server
@@ -93,11 +96,37 @@ def schedule(cfg, plan: data.RoundPlan) -> list[list[tuple[int, int]]]:
 
 def _forward_part(part: nn.Module, tag: Part, x: torch.Tensor, update: list[tuple[int, int]],
                   plan: data.RoundPlan, seed: int) -> torch.Tensor:
-    """`part` on the concatenated batch, or per client chunk under the SFL seeds if it draws randoms."""
-    if not models.uses_rng(part):
+    """`part` on the concatenated batch, or per client chunk: under the SFL seeds if it draws
+    randoms; from the same starting buffers, then averaged, if it has running buffers."""
+    if not models.per_batch(part):
         return part(x)
-    outs = []
+    rng, bufs = models.uses_rng(part), models.buffers(part)
+    start = models.snapshot(bufs) if bufs and len(update) > 1 else None
+    outs, after, weights = [], [], []
     for chunk, (cid, step) in zip(torch.split(x, [plan.batch_len(c, t) for c, t in update]), update):
-        torch.manual_seed(models.batch_seed(seed, plan.rnd, step, cid, tag))
+        if start is not None:
+            models.restore(bufs, start)
+        if rng:
+            torch.manual_seed(models.batch_seed(seed, plan.rnd, step, cid, tag))
         outs.append(part(chunk))
+        if start is not None:
+            after.append(models.snapshot(bufs))
+            weights.append(len(chunk))
+    if start is not None:
+        _average_buffers(bufs, after, weights)
     return torch.cat(outs)
+
+
+def _average_buffers(bufs: list[torch.Tensor], after: list[list[torch.Tensor]], weights: list[int]) -> None:
+    """The chunks' sample-weighted average, in float32 and chunk order as SFL sums it; integer
+    counters rounded; other integer buffers (index tables) are not averaged."""
+    total = float(sum(weights))
+    with torch.no_grad():
+        for k, b in enumerate(bufs):
+            if not (b.is_floating_point() or b.dim() == 0):
+                continue
+            acc = torch.zeros(b.shape, dtype=torch.float32)
+            for values, w in zip(after, weights):
+                acc.add_(values[k].float(), alpha=float(w))
+            acc.div_(total)
+            b.data.copy_(acc if b.is_floating_point() else acc.round())  # .data: see models.restore

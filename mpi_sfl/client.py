@@ -40,14 +40,14 @@ class LogicalClient:
     """One data owner: its shard, its own copy of the client-side model and its optimizer state."""
     cid: int
     model: models.Parts             # the client uses encoder (+ head); fl uses all three parts
-    flat: torch.Tensor              # the trained parts' parameters (views into it), plus a spare slot
+    flat: torch.Tensor              # the trained parts' parameters, then running buffers (views into it), plus a spare slot
     trainable: list[nn.Parameter]
     opt: torch.optim.Optimizer
     trained: int = 0                # samples since the last aggregation
     batch: dict = field(default_factory=dict)  # this step's tensors
 
     def state_vector(self) -> torch.Tensor:
-        """Weights, then momentum buffers (zeros before the first step): what sl hands over."""
+        """Weights and running buffers, then momentum buffers (zeros before the first step): what sl hands over."""
         vec = [self.flat[:-1]]
         if self.opt.defaults["momentum"]:
             for p in self.trainable:
@@ -64,8 +64,8 @@ class LogicalClient:
                 n += p.numel()
 
 
-def make_clients(cfg: Config, ids: list[int], device: torch.device) -> list[LogicalClient]:
-    base = models.build(cfg.model.name, cfg.run.seed)
+def make_clients(cfg: Config, spec: models.Spec, ids: list[int], device: torch.device) -> list[LogicalClient]:
+    base = spec.build(cfg.run.seed)
     out = []
     for cid in ids:
         m = copy.deepcopy(base).to(device).train()
@@ -84,7 +84,7 @@ class ClientRank:
     def __init__(self, job: Job, train: data.Split):
         cfg = self.cfg = job.cfg
         self.job, self.train_set = job, train
-        self.clients = make_clients(cfg, job.layout.clients_of(job.rank), job.device)
+        self.clients = make_clients(cfg, job.spec, job.layout.clients_of(job.rank), job.device)
         self.by_id = {c.cid: c for c in self.clients}
         self.server = job.layout.server_of(job.rank) if cfg.split else None
         m = self.clients[0].model  # only parts that draw random numbers are seeded per batch

@@ -20,7 +20,6 @@ from .errors import UserError
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("fashion-mnist", "synthetic"),
     "data.partition": ("iid", "dirichlet", "shards"),
-    "model.name": ("cnn", "lenet5", "mlp"),
     "model.split": ("u", "label-sharing"),
     "sfl.variant": ("sync", "v1", "v2", "sl", "fl"),
     "sfl.state": ("file", "memory", "graph"),
@@ -59,6 +58,7 @@ class Data:
 @dataclass(frozen=True)
 class Model:
     name: str
+    cut: list
     split: str
     freeze_encoder: bool
 
@@ -199,7 +199,9 @@ def _set(cfg: Raw, base: Raw, dotted: str, value: Any, origin: str) -> None:
         known = ", ".join(f"{section}.{k}" for k in base.get(section, {})) or ", ".join(base)
         raise UserError(f"unknown config key {dotted!r} ({origin}); known: {known}")
     default = base[section][key]
-    if isinstance(default, bool):
+    if isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -209,7 +211,7 @@ def _set(cfg: Raw, base: Raw, dotted: str, value: Any, origin: str) -> None:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"{dotted} ({origin}) must be {type(default).__name__}, "
+        raise UserError(f"{dotted} ({origin}) must be {'a list of ints' if isinstance(default, list) else type(default).__name__}, "
                         f"got {value!r} ({type(value).__name__})")
     cfg[section][key] = value
 
@@ -225,6 +227,11 @@ def validate(cfg: Raw) -> None:
     for dotted in NON_NEGATIVE:
         if cfg.get_key(dotted) < 0:
             raise UserError(f"{dotted} must be >= 0, got {cfg.get_key(dotted)}")
+    from .models import MODELS
+    name = cfg["model"]["name"]
+    if name not in MODELS and (":" not in name or not all(name.split(":", 1))):
+        raise UserError(f"model.name = {name!r} is neither a built-in model ({', '.join(MODELS)}) nor a "
+                        "function of yours as \"package.module:function\"")
     if not cfg["train"]["momentum"] < 1:
         raise UserError(f"train.momentum must be < 1, got {cfg['train']['momentum']}")
     if cfg["data"]["partition"] == "dirichlet" and not cfg["data"]["alpha"] > 0:
@@ -259,7 +266,9 @@ def to_toml(cfg: "Config | dict") -> str:
     for section, table in (cfg.as_dict() if isinstance(cfg, Config) else cfg).items():
         lines.append(f"[{section}]")
         for key, value in table.items():
-            if isinstance(value, bool):
+            if isinstance(value, list):
+                text = "[" + ", ".join(repr(v) for v in value) + "]"
+            elif isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, (int, float)):
                 text = repr(value)

@@ -146,6 +146,11 @@ def _synthetic(n: int, seed: int, stream: int, labels_only: bool) -> tuple[np.nd
     return x, y
 
 
+def describe(cfg) -> tuple[tuple[int, ...], int]:
+    """(sample shape, number of classes) of the configured data set, without loading it."""
+    return (1, 28, 28), NUM_CLASSES
+
+
 def load(cfg, kind: str, labels_only: bool = False) -> Split:
     """The train or test split as the config asks (capped, normalized). `labels_only` skips the images."""
     d = cfg.data

@@ -28,7 +28,8 @@ class FedServer:
     def __init__(self, job: Job, test: data.Split):
         cfg = self.cfg = job.cfg
         self.job, self.test = job, test
-        self.model = models.build(cfg.model.name, cfg.run.seed).to(job.device)
+        self.model = job.spec.build(cfg.run.seed).to(job.device)
+        self.dtypes = models.dtypes(self.model)  # model.pt keeps them (flattening makes buffers float32)
         self.client_flat = flatten_params(models.client_parts(self.model, cfg.u_shape, cfg.split), job.device)
         self.server_flat = flatten_params([models.server_part(self.model, cfg.u_shape)], job.device) if cfg.split else None
         self.client_buf = np.zeros(self.client_flat.numel(), np.float32)
@@ -45,7 +46,7 @@ class FedServer:
     def train(self) -> None:
         job, cfg = self.job, self.cfg
         self.writer = RunWriter(cfg, cfg.train.rounds, "sfl" if cfg.split else "fl",
-                                resume_rows=self.rows if job.start != (0, 0) else None)
+                                resume_rows=self.rows if job.start != (0, 0) else None, dtypes=self.dtypes)
         for rnd, plan, first in job.rounds():
             t0 = MPI.Wtime()
             for step in range(first, job.steps(plan)):

@@ -1,4 +1,4 @@
-"""What every role of a training job shares: config, layout, communicators, data plan, device.
+"""What every role of a training job shares: config, model spec, layout, communicators, data plan, device.
 
 Role-specific things (the training set, the test set, the scratch dir) live with the role that
 uses them; see train.py.
@@ -18,6 +18,7 @@ from .config import Config
 from .control import Control
 from .data import RoundPlan
 from .layout import CLIENT, FED, SERVER, Layout
+from .models import Spec
 from .timing import PHASES, Timers
 from .transport import Transport, polite_wait
 
@@ -32,6 +33,7 @@ RELAY_TAG = 101    # sl: client-side weights and optimizer state to the next log
 @dataclass
 class Job:
     cfg: Config
+    spec: Spec                  # builds the model (models.Spec: name, cut, the data's shape and classes)
     layout: Layout
     comm: MPI.Comm              # COMM_WORLD (or a dup)
     device: torch.device

@@ -1,15 +1,29 @@
-"""The models, each defined once as three parts: encoder | body | head.
+"""The models, each cut into three parts: encoder | body | head.
 
-The cut points live here and nowhere else. U-shaped split: client = encoder + head, server = body.
-Label-sharing split: client = encoder, server = body + head. The global model is always
-`Parts(encoder, body, head)`, so `model.pt` has the same keys whatever the split.
+U-shaped split: client = encoder + head, server = body. Label-sharing split: client = encoder,
+server = body + head. The global model is always `Parts(encoder, body, head)`, so `model.pt` has the
+same keys whatever the split.
+
+A model is a built-in name (`MODELS`: an `nn.Sequential` and its default cut) or a user function
+`"package.module:function"`, importable on every rank, that returns three modules (encoder, body,
+head) or an `nn.Sequential` cut at `model.cut = [i, j]`: encoder = seq[:i], body = seq[i:j],
+head = seq[j:]. A function that names `input_shape` or `num_classes` among its parameters gets them.
+Every rank builds the model under the same seed, so all start from identical weights; `check` runs
+a dummy batch through it once at set-up, so a model that cannot work ends the job with one message.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
+from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 
 class Parts(nn.Module):
@@ -23,40 +37,222 @@ class Parts(nn.Module):
         return self.head(self.body(self.encoder(x)))
 
 
-def cnn() -> Parts:
-    """Small CNN for 28x28 images; the server part carries the dropout (its masks must survive recompute)."""
-    return Parts(
-        nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),            # 16x14x14
-        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                      nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.25)),              # 128
-        nn.Linear(128, 10),
-    )
+def _image(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise UserError(f"model {name} takes images (channels, height, width); the data's samples have "
+                        f"shape {list(shape)}: use model.name = \"mlp\" or a model of your own")
+    return shape  # type: ignore[return-value]
 
 
-def lenet5() -> Parts:
-    return Parts(
-        nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2)),             # 6x14x14
-        nn.Sequential(nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
-                      nn.Linear(16 * 5 * 5, 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh()),  # 84
-        nn.Linear(84, 10),
-    )
+def cnn(input_shape=(1, 28, 28), num_classes=10) -> nn.Sequential:
+    """Small CNN; the server part carries the dropout (its masks must survive recompute). Cut [3, 10]."""
+    c, h, w = _image("cnn", input_shape)
+    return nn.Sequential(
+        nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),                              # 16 x H/2 x W/2
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(), nn.Dropout(0.25),                  # 128
+        nn.Linear(128, num_classes))
 
 
-def mlp() -> Parts:
-    return Parts(
-        nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU()),
-        nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
-        nn.Linear(64, 10),
-    )
+def lenet5(input_shape=(1, 28, 28), num_classes=10) -> nn.Sequential:
+    """LeNet-5 with tanh and average pooling. Cut [3, 11]."""
+    c, h, w = _image("lenet5", input_shape)
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),                                # 6 x H/2 x W/2
+        nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+        nn.Linear(16 * ((h // 2 - 4) // 2) * ((w // 2 - 4) // 2), 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh(),  # 84
+        nn.Linear(84, num_classes))
 
 
-MODELS = {"cnn": cnn, "lenet5": lenet5, "mlp": mlp}
+def mlp(input_shape=(1, 28, 28), num_classes=10) -> nn.Sequential:
+    """Two hidden layers of 64 on any sample shape. Cut [3, 5]."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(input_shape), 64), nn.ReLU(),
+        nn.Linear(64, 64), nn.ReLU(),
+        nn.Linear(64, num_classes))
 
 
-def build(name: str, seed: int) -> Parts:
-    """The full model with weights drawn from `seed`: every rank builds it, so all start identical."""
-    torch.manual_seed(seed)
-    return MODELS[name]()
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with BatchNorm and an identity (or 1x1-projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(input_shape=(3, 32, 32), num_classes=10) -> nn.Sequential:
+    """ResNet-18 with the CIFAR stem (3x3 convolution, no max-pool) for small images. The default
+    cut [2, 10] is the SplitFed paper's: the client keeps the first convolution block and the first
+    residual block (and the final linear layer, U-shaped); the server runs the other 7 blocks."""
+    c, _, _ = _image("resnet18", input_shape)
+    widths = [(64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
+              (256, 512, 2), (512, 512, 1)]
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(c, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()),
+        *(BasicBlock(i, o, s) for i, o, s in widths),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        nn.Linear(512, num_classes))
+
+
+# name -> (builder, default cut)
+MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[int, int]]] = {
+    "cnn": (cnn, (3, 10)), "lenet5": (lenet5, (3, 11)), "mlp": (mlp, (3, 5)), "resnet18": (resnet18, (2, 10)),
+}
+
+
+def resolve(name: str) -> Callable[..., object]:
+    """The function that builds model `name`: a built-in, or `package.module:function`."""
+    if name in MODELS:
+        return MODELS[name][0]
+    if ":" not in name:
+        raise UserError(f"model.name = {name!r} is neither a built-in model ({', '.join(MODELS)}) nor "
+                        "a function of yours as \"package.module:function\"")
+    module_name, fn_name = name.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises is the same user problem
+        raise UserError(f"model.name = {name!r}: cannot import {module_name} ({type(exc).__name__}: {exc}); "
+                        "it must be importable on every rank (put its directory on PYTHONPATH)") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"model.name = {name!r}: {module_name} has no function {fn_name!r}")
+    return fn
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What builds the model: its name, cut and the data's sample shape and classes. Resolved once
+    at set-up (every role shares it), then `build(seed)` anywhere gives identical weights."""
+    name: str
+    cut: tuple[int, ...] = ()
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    num_classes: int = 10
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: tuple[int, ...], num_classes: int) -> "Spec":
+        return cls(cfg.model.name, tuple(cfg.model.cut), tuple(input_shape), num_classes)
+
+    def build(self, seed: int) -> Parts:
+        """The full model with weights drawn from `seed`."""
+        fn = resolve(self.name)
+        kwargs = {}
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "input_shape" in params:
+            kwargs["input_shape"] = self.input_shape
+        if "num_classes" in params:
+            kwargs["num_classes"] = self.num_classes
+        torch.manual_seed(seed)
+        try:
+            made = fn(**kwargs)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"model.name = {self.name!r}: building it raised {type(exc).__name__}: {exc}") from None
+        return self._cut(made)
+
+    def _cut(self, made: object) -> Parts:
+        if isinstance(made, Parts):
+            parts = made
+        elif isinstance(made, nn.Sequential):
+            parts = self._cut_sequential(made)
+        elif isinstance(made, (tuple, list)) and len(made) == 3 and all(isinstance(m, nn.Module) for m in made):
+            parts = Parts(*made)
+        else:
+            raise UserError(f"model.name = {self.name!r} returned {type(made).__name__}; it must return "
+                            "(encoder, body, head) as three nn.Modules, or an nn.Sequential with model.cut = [i, j]")
+        if self.cut and not isinstance(made, nn.Sequential):
+            raise UserError(f"model.cut = {list(self.cut)} cuts an nn.Sequential, but {self.name!r} returns its "
+                            "three parts already: set model.cut = []")
+        return parts
+
+    def _cut_sequential(self, seq: nn.Sequential) -> Parts:
+        cut = self.cut or (MODELS[self.name][1] if self.name in MODELS else ())
+        n = len(seq)
+        if not cut:
+            raise UserError(f"model.name = {self.name!r} returns an nn.Sequential of {n} layers: say where to "
+                            f"cut it with model.cut = [i, j] (encoder = layers [0, i), body = [i, j), head = [j, {n}))")
+        i, j = (cut[0], n) if len(cut) == 1 else cut[:2]
+        if len(cut) > 2 or not 1 <= i < j <= n:
+            raise UserError(f"model.cut = {list(cut)} is out of range for {self.name!r}'s {n} layers: it needs "
+                            f"1 <= i < j <= {n} (encoder = layers [0, i), body = [i, j), head = [j, {n}))")
+        return Parts(seq[:i], seq[i:j], seq[j:])
+
+
+def build(name: str, seed: int, **spec) -> Parts:
+    """`Spec(name, **spec).build(seed)`: a model on the default 1x28x28, 10-class data unless told."""
+    return Spec(name, **spec).build(seed)
+
+
+def for_config(cfg) -> tuple["Spec", "Summary"]:
+    """The run's model spec (from the config and the data's shape and classes), checked on a dummy
+    batch: set-up calls this once, on every rank."""
+    from . import data
+    spec = Spec.from_config(cfg, *data.describe(cfg))
+    return spec, check(spec, cfg.u_shape, cfg.grad_input)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What `check` found: parameters per part and the shapes that cross the cut."""
+    params: dict[str, int]
+    cut_shape: tuple[int, ...]           # h, per sample (client -> server)
+    out_shape: tuple[int, ...] | None    # z, per sample (server -> client, U-shaped); None for label-sharing
+    up_bytes: int                        # per sample, client -> server
+    down_bytes: int                      # per sample, server -> client
+
+    def line(self, name: str, split: str) -> str:
+        def size(b: int) -> str:
+            return f"{b / 1024:.1f} KiB" if b >= 1024 else f"{b} B"
+        parts = " | ".join(f"{k} {v:,}" for k, v in self.params.items())
+        z = f", server output {'x'.join(map(str, self.out_shape))}" if self.out_shape else ""
+        return (f"model {name} ({split} split): parameters {parts}; cut {'x'.join(map(str, self.cut_shape))}{z}; "
+                f"per sample {size(self.up_bytes)} to the server, {size(self.down_bytes)} back")
+
+
+def check(spec: Spec, u_shape: bool, grad_input: bool) -> Summary:
+    """Build the model and run a dummy batch of 2 through its parts (eval mode, no gradients, on a
+    throwaway copy: the caller's RNG is left as it was). A model whose parts do not chain or whose
+    output is not (batch, classes) logits is a UserError naming the part and the shapes."""
+    with torch.random.fork_rng(devices=[]):
+        model = spec.build(0).eval()
+    x = torch.zeros(2, *spec.input_shape)
+    shapes = {}
+    with torch.no_grad():
+        for part, what in ((model.encoder, "encoder"), (model.body, "body"), (model.head, "head")):
+            try:
+                out = part(x)
+            except Exception as exc:  # noqa: BLE001 - a user model fails in any way; name where
+                raise UserError(f"model {spec.name!r}: its {what} cannot take a batch of shape "
+                                f"{list(x.shape)} ({type(exc).__name__}: {exc})") from None
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 1 or len(out) != 2:
+                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"model {spec.name!r}: its {what} must return one floating-point tensor with the "
+                                f"batch first; for a batch of 2 it returned {got}")
+            shapes[what] = tuple(out.shape[1:])
+            x = out
+    if shapes["head"] != (spec.num_classes,):
+        raise UserError(f"model {spec.name!r} outputs shape {list(shapes['head'])} per sample; it must give "
+                        f"{spec.num_classes} logits (one per class of the data)")
+    h_bytes = 4 * math.prod(shapes["encoder"])
+    z_bytes = 4 * math.prod(shapes["body"]) if u_shape else 0
+    up = h_bytes + (z_bytes if u_shape else 8)              # h, then dl/dz (U) or the label
+    down = z_bytes + (h_bytes if grad_input else 0)          # z (U), then dl/dh
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in
+              (("encoder", model.encoder), ("body", model.body), ("head", model.head))}
+    return Summary(params, shapes["encoder"], shapes["body"] if u_shape else None, up, down)
 
 
 class Part(IntEnum):
@@ -80,6 +276,46 @@ def client_parts(model: Parts, u_shape: bool, split: bool = True) -> list[nn.Mod
 def uses_rng(module: nn.Module) -> bool:
     """Whether a forward of `module` draws random numbers (dropout): only those are seeded per batch."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+
+
+def buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The running state a forward may change (BatchNorm's statistics and counter)."""
+    return list(module.buffers())
+
+
+def per_batch(module: nn.Module) -> bool:
+    """Whether `module` must run one client batch at a time to match SFL: it draws random numbers
+    (seeded per batch) or updates running buffers from its batch (BatchNorm normalizes each client's
+    batch by that batch's statistics)."""
+    return uses_rng(module) or bool(buffers(module))
+
+
+def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """Each state_dict entry's dtype, taken before flattening turns counters into float32."""
+    return {k: v.dtype for k, v in model.state_dict().items()}
+
+
+def state_dict(model: nn.Module, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers on the CPU, in their original dtypes (counters rounded back)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if dtypes and v.dtype != dtypes[k]:
+            v = (v if dtypes[k].is_floating_point else v.round()).to(dtypes[k])
+        out[k] = v
+    return out
+
+
+def snapshot(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in bufs]
+
+
+def restore(bufs: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """Put saved buffer values back. Through `.data`, so that autograd's version check of a graph
+    that saved them (BatchNorm's backward takes them as arguments; in training mode it does not use
+    their values) is not tripped: a kept graph stays valid while other batches run."""
+    for b, s in zip(bufs, saved, strict=True):
+        b.data.copy_(s)
 
 
 def batch_seed(seed: int, rnd: int, step: int, client: int, part: Part) -> int:

@@ -44,13 +44,11 @@ def role_rows(stats: np.ndarray) -> dict:
     return out
 
 
-def space_needed(cfg) -> int:
+def space_needed(summary: models.Summary) -> int:
     """A rough floor on the disk space a run needs in run.out_dir (checked by outdir.prepare):
     64 MiB for the metrics, config and slack, plus 4 float32 copies of the model — model.pt, its
     temporary while it is replaced, and a checkpoint's weights and momentum buffers."""
-    with torch.random.fork_rng(devices=[]):  # building seeds torch; leave the caller's RNG as it was
-        params = sum(p.numel() for p in models.build(cfg.model.name, 0).parameters())
-    return 64 * 2**20 + 4 * params * 4
+    return 64 * 2**20 + 4 * sum(summary.params.values()) * 4
 
 
 class RunWriter:
@@ -62,8 +60,10 @@ class RunWriter:
     run) rewrites metrics.jsonl with exactly those rows, then appends to it.
     """
 
-    def __init__(self, cfg, rounds: int, label: str, resume_rows: list[dict] | None = None):
+    def __init__(self, cfg, rounds: int, label: str, resume_rows: list[dict] | None = None,
+                 dtypes: dict[str, torch.dtype] | None = None):
         self.dir = Path(cfg.run.out_dir)
+        self.dtypes = dtypes  # model.pt in the model's own dtypes (models.state_dict)
         self.dir.mkdir(exist_ok=True)
         atomic_write(self.dir / "config.toml", to_toml(cfg).encode())
         self.rows = list(resume_rows or [])
@@ -87,7 +87,7 @@ class RunWriter:
         self.metrics.flush()
         os.fsync(self.metrics.fileno())
         if write_model:
-            atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dir / "model.pt")
+            atomic_torch_save(models.state_dict(model, self.dtypes), self.dir / "model.pt")
         brief = (f"loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f} "
                  f"acc {row['test_accuracy']:.4f} {row['seconds']:.1f}s")
         if self.bar is not None:

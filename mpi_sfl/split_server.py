@@ -3,7 +3,9 @@
 It keeps no autograd graph between a forward and its backward unless sfl.state = "graph"
 (state.py). What it does with a batch's gradient depends on the variant:
 - sync: accumulate it, sample-weighted, into one flat buffer; once every client of the step is in,
-  Allreduce that buffer (and the sample count) across split-server replicas and take one step;
+  Allreduce that buffer (and the sample count) across split-server replicas and take one step.
+  Running buffers (BatchNorm) follow FedAvg's rule: every client's forward starts from the step's
+  buffers, and the step ends with their sample-weighted average, summed in the same flat buffer;
 - v1:   step the server-part copy of that logical client at once; the copies are averaged,
         sample-weighted, on the client parts' schedule (and across split servers);
 - v2:   step the one server part at once; a step's clients are served one after another, in the
@@ -24,9 +26,8 @@ from mpi4py import MPI
 from torch import nn
 
 from . import data, models
-from .aggregation import attach_flat_grads, flatten_params, host
+from .aggregation import attach_flat_grads, flatten_params, host, param_count
 from .control import nonfinite_message
-from .config import Config
 from .job import WEIGHTS_TAG, Job
 from .layout import SERVER
 from .models import Part
@@ -44,28 +45,44 @@ def finite(tensors: list[torch.Tensor]) -> bool:
 
 @dataclass
 class ServerPart:
-    """One copy of f_s with its optimizer; its weights and gradients are views of two flat buffers
-    (each with a spare last slot: the averaging weight, the step's sample count)."""
+    """One copy of f_s with its optimizer; its weights (then running buffers) and gradients are
+    views of two flat buffers, each with a spare last slot: the averaging weight, the step's sample
+    count. `grad` has room for sync's sum of its clients' buffers between the two."""
     module: nn.Module
     flat: torch.Tensor
     grad: torch.Tensor
     opt: torch.optim.Optimizer
+    nparams: int      # P: flat[:P] are the weights, flat[P:-1] the running buffers
     trained: int = 0  # samples since the last averaging (v1)
 
     @classmethod
-    def build(cls, cfg: Config, device: torch.device) -> "ServerPart":
-        module = models.server_part(models.build(cfg.model.name, cfg.run.seed), cfg.u_shape).to(device).train()
+    def build(cls, job: Job) -> "ServerPart":
+        cfg = job.cfg
+        module = models.server_part(job.spec.build(cfg.run.seed), cfg.u_shape).to(job.device).train()
         params = list(module.parameters())
-        flat = flatten_params([module], device)
-        grad = attach_flat_grads(params, device)
-        return cls(module, flat, grad, torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum))
+        flat = flatten_params([module], job.device)
+        nparams = param_count([module])
+        grad = attach_flat_grads(params, job.device, extra=flat.numel() - 1 - nparams)
+        return cls(module, flat, grad, torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum), nparams)
 
-    def add_grads(self, grads: list[torch.Tensor], weight: int) -> None:
+    @property
+    def buffers(self) -> torch.Tensor:
+        """The running buffers as one flat view (empty without BatchNorm)."""
+        return self.flat[self.nparams:-1]
+
+    def set_buffers(self, values: torch.Tensor) -> None:
+        """Overwrite the running buffers without tripping autograd's version check of the graphs
+        kept in graph state (models.restore says why that is sound)."""
+        self.flat.data[self.nparams:-1].copy_(values)
+
+    def add_grads(self, grads: list[torch.Tensor], weight: int, buffers: torch.Tensor | None = None) -> None:
         offset = 0
         for g in grads:
             n = g.numel()
             self.grad[offset:offset + n].add_(g.reshape(-1), alpha=weight)
             offset += n
+        if buffers is not None:
+            self.grad[self.nparams:-1].add_(buffers, alpha=weight)
         self.grad[-1] += weight
 
     def step_on(self, grads: list[torch.Tensor], samples: int) -> None:
@@ -80,8 +97,11 @@ class SplitServer:
     def __init__(self, job: Job, scratch: Path | None):
         cfg = self.cfg = job.cfg
         self.job, self.scratch = job, scratch
-        self.main = ServerPart.build(cfg, job.device)
+        self.main = ServerPart.build(job)
         self.copies: dict[int, ServerPart] = {}  # v1: one per logical client served, made lazily
+        # sync with running buffers: the step's buffers, and each client's after its forward
+        self.step_buffers: torch.Tensor | None = None
+        self.client_buffers: dict[int, torch.Tensor] = {}
         self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device)
         self.rank_of = {c: r for r in job.layout.client_ranks_of(job.rank) for c in job.layout.clients_of(r)}
         # This round so far (kept on the object: a checkpoint can fall between two steps).
@@ -113,6 +133,8 @@ class SplitServer:
                 self.serve_in_order(plan, step, [c for c in plan.order if c in active])
             else:
                 self.main.grad.zero_()
+                if variant == "sync" and self.main.buffers.numel():
+                    self.step_buffers, self.client_buffers = self.main.buffers.clone(), {}
                 self.serve_together(plan, step, active)
                 if variant == "sync":
                     self.apply_mean_update()
@@ -151,7 +173,7 @@ class SplitServer:
             return p
         load(self.main, state["main"])
         for c, saved in state["copies"]:
-            self.copies[int(c)] = load(ServerPart.build(self.cfg, self.job.device), saved)
+            self.copies[int(c)] = load(ServerPart.build(self.job), saved)
         r = state["round"]
         self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
 
@@ -172,19 +194,29 @@ class SplitServer:
             return self.main
         part = self.copies.get(client)
         if part is None:  # from the last average, with an optimizer state of its own
-            part = self.copies[client] = ServerPart.build(self.cfg, self.job.device)
+            part = self.copies[client] = ServerPart.build(self.job)
             part.flat.copy_(self.main.flat)
         return part
 
     def learn(self, client: int, grads: list[torch.Tensor], samples: int) -> None:
-        if self.cfg.sfl.variant == "sync":
-            self.main.add_grads(grads, samples)  # sample-weighted; applied once per step
+        if self.cfg.sfl.variant == "sync":  # sample-weighted; applied once per step
+            self.main.add_grads(grads, samples, self.client_buffers.pop(client, None))
         else:
             self.part_of(client).step_on(grads, samples)
         self.samples += samples
 
     def seed(self, plan: data.RoundPlan, step: int, client: int) -> int:
         return models.batch_seed(self.cfg.run.seed, plan.rnd, step, client, Part.BODY)
+
+    def forward_from_step_buffers(self, client: int, forward):
+        """sync: `forward()` of one client's batch from the step's running buffers, keeping the
+        buffers it leaves for the step's average (learn). Other variants: just `forward()`."""
+        if self.step_buffers is None:
+            return forward()
+        self.main.set_buffers(self.step_buffers)
+        out = forward()
+        self.client_buffers[client] = self.main.buffers.clone()
+        return out
 
     # -- serving ----------------------------------------------------------------------------------
     def serve_together(self, plan: data.RoundPlan, step: int, active: list[int]) -> None:
@@ -200,7 +232,8 @@ class SplitServer:
             if header.kind == ACT and u_shape:
                 h = t.recv_payload(header, src)
                 with self.job.timers.phase("server_compute"):
-                    z = self.state.forward(key, self.part_of(c).module, h, self.seed(plan, step, c))
+                    z = self.forward_from_step_buffers(c, lambda: self.state.forward(
+                        key, self.part_of(c).module, h, self.seed(plan, step, c)))
                 t.isend(z, src, OUT, plan.rnd, step, c)
                 continue
             waiting[c] = self.receive_rest(header, src)
@@ -274,7 +307,7 @@ class SplitServer:
                 h.requires_grad_(self.cfg.grad_input)
                 params = [p for p in part.module.parameters()]
                 torch.manual_seed(self.seed(plan, step, client))
-                loss = F.cross_entropy(part.module(h), y)
+                loss = F.cross_entropy(self.forward_from_step_buffers(client, lambda: part.module(h)), y)
                 out = torch.autograd.grad(loss, params + ([h] if self.cfg.grad_input else []))
                 grads, grad_h = list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None)
                 samples = h.shape[0]
@@ -298,13 +331,17 @@ class SplitServer:
 
     # -- updates across split servers -----------------------------------------------------------
     def apply_mean_update(self) -> None:
-        """sync: sum the replicas' sample-weighted gradients and counts, divide, step once."""
-        grad = self.main.grad
+        """sync: sum the replicas' sample-weighted gradients (and buffers) and counts, divide, step
+        once; the running buffers become their average (the step's own if no batch was learnt)."""
+        grad, main = self.main.grad, self.main
         self.allreduce(grad)
         with self.job.timers.phase("server_compute"):
             if grad[-1] > 0:
                 grad[:-1].div_(grad[-1])
-                self.main.opt.step()
+                main.opt.step()
+            if self.step_buffers is not None:
+                main.set_buffers(grad[main.nparams:-1] if grad[-1] > 0 else self.step_buffers)
+                self.step_buffers = None
 
     def average_copies(self) -> None:
         """v1: the copies' sample-weighted average (over every split server) becomes every copy."""

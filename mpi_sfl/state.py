@@ -5,7 +5,10 @@
 - file:   like memory, but h goes to node-local scratch under a fresh UUID4 and is read back and
           deleted on the backward, so the server holds no per-batch tensors in RAM.
 Recompute draws the same dropout masks because every forward of a (round, step, client) batch is
-seeded from those numbers (models.batch_seed); the seed is stored with h.
+seeded from those numbers (models.batch_seed); the seed is stored with h. A part with running
+buffers (BatchNorm) has them saved before its forward (a few floats per channel, in RAM in every
+mode) and recomputes under exactly those, then gets back the ones its forward left: the recompute
+gives the forward's output and updates the running statistics once, not twice.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import models
 from .errors import UserError
 from .outdir import pid_alive
 from .transport import ACT, HEADER_LEN, Header, as_buffer
@@ -39,6 +43,14 @@ class GraphState:
     def __init__(self, grad_input: bool):
         self.grad_input = grad_input
         self._kept: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pre: dict[Key, list[torch.Tensor]] = {}      # running buffers before a batch's forward
+        self._buffers: dict[int, list[torch.Tensor]] = {}  # id(body) -> its buffers (fixed views)
+
+    def buffers(self, body: nn.Module) -> list[torch.Tensor]:
+        bufs = self._buffers.get(id(body))
+        if bufs is None:
+            bufs = self._buffers[id(body)] = models.buffers(body)
+        return bufs
 
     def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
         h = h.clone().requires_grad_(self.grad_input)  # the received buffer is reused
@@ -60,18 +72,23 @@ class GraphState:
     def drop(self, key: Key) -> None:
         """Forget a batch whose backward will not come (its client dropped it)."""
         self._kept.pop(key, None)
+        self._pre.pop(key, None)
 
     def in_flight(self) -> int:
         return len(self._kept)
 
     def close(self) -> None:
         self._kept.clear()
+        self._pre.clear()
 
 
 class MemoryState(GraphState):
     """Keeps the input only; recomputes the forward with autograd on when delta arrives."""
 
     def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
+        bufs = self.buffers(body)
+        if bufs:
+            self._pre[key] = models.snapshot(bufs)
         with torch.no_grad():
             torch.manual_seed(seed)
             z = body(h)
@@ -82,10 +99,18 @@ class MemoryState(GraphState):
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         h, seed = self._take(key)
         h.requires_grad_(self.grad_input)
+        pre = self._pre.pop(key, None)
+        if pre is not None:  # recompute under the buffers the forward saw, then put back what it left
+            bufs = self.buffers(body)
+            after = models.snapshot(bufs)
+            models.restore(bufs, pre)
         with torch.enable_grad():
             torch.manual_seed(seed)
             z = body(h)
-        return self._grads(body, z, h, delta)
+        grads = self._grads(body, z, h, delta)
+        if pre is not None:  # after the backward, which reads the buffers its forward saw
+            models.restore(bufs, after)
+        return grads
 
     def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
         self._kept[key] = (h.clone(), seed)
@@ -147,6 +172,7 @@ class FileState(MemoryState):
         return len(self._names) + len(self._kept)
 
     def close(self) -> None:
+        super().close()
         for name in self._names.values():
             (self.scratch / name).unlink(missing_ok=True)
         self._names.clear()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from . import checkpoint, client, config, control, data, fed_server, outdir, split_server
+from . import checkpoint, client, config, control, data, fed_server, models, outdir, split_server
 from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
@@ -56,12 +56,13 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         cfg = config.load(cfg_path, overrides)
         layout = Layout.from_config(cfg, comm.size)
         cfg = cfg.replace("train", clients=layout.clients)  # resolved: the written config.toml reruns as is
+        spec, summary = models.for_config(cfg)  # imports a user model on every rank; a dummy batch through it
         if comm.rank == 0:  # checked, created and locked before any work; nothing is written on failure
-            outdir.prepare(cfg.run.out_dir, start, space_needed(cfg))
+            outdir.prepare(cfg.run.out_dir, start, space_needed(summary))
             held.append(cfg.run.out_dir)
-        return cfg, layout
+        return cfg, layout, spec, summary
 
-    cfg, layout = fail_together(comm, setup)
+    cfg, layout, spec, summary = fail_together(comm, setup)
     set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)), cfg.run.timeout_s)
     set_describer(layout.describe)
     role = layout.role(comm.rank)
@@ -86,14 +87,14 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         return device, shards, saved, resource
 
     device, shards, saved, resource = fail_together(comm, load)
-    job = Job(cfg, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
+    job = Job(cfg, spec, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
     # Each role gets what only it uses: clients the training set, the fed server the test set, a
     # split server its scratch dir (file state).
     worker = ROLES[role](job, resource)
     if saved:
         worker.load_state_dict(saved["state"])
         job.load_counters(saved["state"]["counters"])
-    announce(job)
+    announce(job, summary)
     code = run(job, worker)
     polite_wait(comm.Ibarrier(), who="every rank to finish", collective=True)  # nobody exits before rank 0 has written the results
     if code:
@@ -162,9 +163,10 @@ def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ") 
     return code
 
 
-def announce(job: Job) -> None:
+def announce(job: Job, summary: models.Summary) -> None:
     """Rank 0 writes out_dir/ranks.tsv (rank, role, host, pid, logical clients): when a rank dies,
-    mpiexec names only its pid; this file says which rank and role that was."""
+    mpiexec names only its pid; this file says which rank and role that was. It prints the model
+    summary (parameters per part, the cut, bytes per sample each way) with the start line."""
     rows = job.comm.gather((job.rank, ROLE_NAMES[job.layout.role(job.rank)], socket.gethostname(), os.getpid(),
                             job.layout.clients_of(job.rank) if job.layout.role(job.rank) == CLIENT else []), root=0)
     if job.rank != 0:
@@ -177,5 +179,5 @@ def announce(job: Job) -> None:
     if job.cfg.run.progress != "none":
         r0, s0 = job.start
         where = f"resuming at round {r0 + 1}, step {s0}" if job.start != (0, 0) else "starting"
-        print(f"[mpi-sfl] {where}: {job.comm.size} ranks (which pid is which rank: {out / 'ranks.tsv'})",
-              file=sys.stderr, flush=True)
+        print(f"[mpi-sfl] {where}: {job.comm.size} ranks (which pid is which rank: {out / 'ranks.tsv'})\n"
+              f"[mpi-sfl] {summary.line(job.cfg.model.name, job.cfg.model.split)}", file=sys.stderr, flush=True)

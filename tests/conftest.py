@@ -46,8 +46,8 @@ def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subproce
     return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 
 
-def baseline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(), root=REPO, grace=0)
+def baseline(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
