@@ -4,7 +4,7 @@
 
 mpi4py only gives rank, size and the rendezvous port (rank 0 picks a free one); torch.distributed
 does the rest over gloo on 127.0.0.1. The config is mpi_sfl's (same --set keys), so the model is
-`mpi_sfl.models.build(name, seed)` and the data the same synthetic set. The training set is split
+`mpi_sfl.models.for_config(cfg)`'s spec and the data the same synthetic set. The training set is split
 IID over the N ranks with mpi_sfl's partitioner and each rank draws batches of train.batch_size
 (the SFL per-client batch) in mpi_sfl's per-round order. Throughput is counted like summary.json:
 samples trained on (all ranks, all rounds) / training seconds (no evaluation; first round included).
@@ -50,7 +50,7 @@ def main() -> None:
     seed, bs = cfg.run.seed, cfg.train.batch_size
     train = data.load(cfg, "train")
     shards = data.partition(train.y.numpy(), world, cfg)
-    model = models.build(cfg.model.name, seed).train()
+    model = models.for_config(cfg)[0].build(seed).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
     total = len(train.y)

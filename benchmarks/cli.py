@@ -6,7 +6,8 @@ Suites (benchmarks/README.md):
   wire        Transport ping-pong vs raw mpi4py Send/Recv vs pickled send/recv (2 ranks)
   aggregate   flat-buffer FedAvg (Aggregator) vs per-tensor vs pickled collectives (4 ranks)
   throughput  SFL samples/s (file/memory/graph state) vs `mpi_sfl baseline` and vs torch DDP (gloo)
-  memory      split-server peak RSS vs client batches in flight, per state mode
+              (--model resnet18: on synthetic 3x32x32 images)
+  memory      split-server peak RSS vs client batches in flight, per state mode (--model too)
   scaling     strong and weak scaling over client ranks, with a per-phase breakdown and a plot
   variants    baseline, fl, sl, v1, v2 and sync on the same job, three partitions: accuracy, time, bytes
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wire", help="model: a wire suite JSON to take bandwidth/latency from (else measured)")
     p.add_argument("--scaling", help="model: a scaling suite JSON to check against (else measured)")
     p.add_argument("--keep", action="store_true", help="keep the temporary run directories")
+    p.add_argument("--model", choices=["cnn", "lenet5", "mlp", "resnet18"], default=None,
+                   help="throughput, memory: the model (default cnn; resnet18 on synthetic 3x32x32 images)")
     args = p.parse_args(argv)
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
     suffix = "" if level == "full" else f"-{level}"

@@ -64,6 +64,13 @@ def overrides(settings: dict) -> list[str]:
     return [f"{k}={toml(v)}" for k, v in settings.items()]
 
 
+def model_settings(args) -> dict:
+    """The --model of a suite that takes one: resnet18 on synthetic 3x32x32 images (CIFAR's shape),
+    the others on synthetic 1x28x28 (SYNTH)."""
+    name = getattr(args, "model", None) or SYNTH["model.name"]
+    return {"model.name": name, **({"data.shape": [3, 32, 32]} if name == "resnet18" else {})}
+
+
 def sets(settings: dict) -> list[str]:
     """The same as --set arguments."""
     return [a for o in overrides(settings) for a in ("--set", o)]

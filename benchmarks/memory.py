@@ -22,7 +22,7 @@ def run(level: str, work: Path, args) -> dict:
     kmax = max(s["clients"])
     # Fixed data set (kmax full batches) for every point: the data-loading transient at start-up is
     # the same everywhere, and only the batches in flight per step change (kmax / k steps).
-    cfg = {**SYNTH, "data.train_samples": kmax * s["batch"], "train.rounds": 1, "train.batch_size": s["batch"],
+    cfg = {**SYNTH, **common.model_settings(args), "data.train_samples": kmax * s["batch"], "train.rounds": 1, "train.batch_size": s["batch"],
            "sfl.servers": 1, "run.threads": 1}
     rows = []
     for state in STATES:

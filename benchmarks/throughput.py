@@ -18,7 +18,7 @@ LEVELS = {
 def run(level: str, work: Path, args) -> dict:
     s = LEVELS[level]
     ranks = s["client_ranks"] + 2
-    cfg = {**SYNTH, "data.train_samples": s["train_samples"], "train.rounds": s["rounds"],
+    cfg = {**SYNTH, **common.model_settings(args), "data.train_samples": s["train_samples"], "train.rounds": s["rounds"],
            "train.batch_size": s["batch"], "train.clients": s["client_ranks"]}
     variants = [*STATES, "baseline", "baseline_1t", "ddp"]
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -72,7 +72,8 @@ def run(level: str, work: Path, args) -> dict:
              "first round included), median over repeats. Threads: mpi_sfl's rule (cores / ranks on "
              "the node, at least 1) for SFL and DDP; the baseline runs with all cores and with one "
              "thread, and vs_baseline divides by the faster of the two.",
-             f"Synthetic 28x28 data, model cnn, {s['train_samples']} samples, {s['rounds']} round(s)."]
+             f"Synthetic {'x'.join(map(str, cfg.get('data.shape', [1, 28, 28])))} data, model {cfg['model.name']}, "
+             f"{s['train_samples']} samples, {s['rounds']} round(s)."]
     if ranks > cores():
         notes.append(f"{ranks} processes on {cores()} cores: SFL and DDP are oversubscribed; the "
                      "baseline is not.")
