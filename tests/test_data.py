@@ -361,3 +361,55 @@ def test_dirichlet_that_cannot_fill_every_client_says_so():
     cfg = config.load(overrides=["data.partition=dirichlet", "data.alpha=0.001"])
     with pytest.raises(UserError, match=r"Dirichlet\(alpha=0.001\) could not give each of 5 clients 10 samples"):
         data.partition(np.zeros(100, int), 5, cfg)
+
+
+# -- examples/images_to_npz.py ------------------------------------------------------------------------
+def test_images_to_npz_example(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(4)
+    want: dict[str, list] = {"train": [], "test": []}
+    for kind, per in (("train", 3), ("test", 2)):
+        for label, name in enumerate(["cat", "dog", "emu"]):  # sorted names: cat 0, dog 1, emu 2
+            if kind == "test" and name == "dog":
+                continue  # a class the test set lacks keeps its train number
+            (root / kind / name).mkdir(parents=True)
+            for i in range(per):
+                pixels = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)  # H 5, W 4, RGB
+                suffix = "jpg" if i == 2 else "png"
+                Image.fromarray(pixels).save(root / kind / name / f"{i}.{suffix}")
+                if suffix == "png":  # JPEG is lossy: compare what Pillow reads back
+                    want[kind].append((pixels.transpose(2, 0, 1), label))
+                else:
+                    want[kind].append((np.asarray(Image.open(root / kind / name / f"{i}.{suffix}")).transpose(2, 0, 1), label))
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    out = tmp_path / "mine.npz"
+    script = Path(__file__).resolve().parents[1] / "examples" / "images_to_npz.py"
+    proc = subprocess.run([sys.executable, str(script), str(root), str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "9 train and 4 test images of 3x5x4, 3 classes (cat, dog, emu)" in proc.stdout
+    cfg = npz_cfg(out)
+    data.prepare(cfg)
+    assert data.describe(cfg) == ((3, 5, 4), 3)
+    assert isinstance(data.npz_arrays(str(out))[1]["x_train"], np.memmap)  # written uncompressed
+    for kind in ("train", "test"):
+        split = data.load(cfg, kind)
+        x = np.stack([a for a, _ in want[kind]]).astype(np.float32) / np.float32(255)
+        assert np.array_equal(split.x.numpy(), x) and split.y.tolist() == [label for _, label in want[kind]]
+    # grayscale by default when every image is; different sizes need --size
+    Image.fromarray(rng.integers(0, 256, (7, 7), dtype=np.uint8)).save(root / "train" / "emu" / "big.png")
+    proc = subprocess.run([sys.executable, str(script), str(root), str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "pass --size H W" in proc.stderr
+    gray = tmp_path / "gray"
+    for kind in ("train", "test"):
+        (gray / kind / "a").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(gray / kind / "a" / "0.png")
+        Image.fromarray(rng.integers(0, 256, (9, 3), dtype=np.uint8)).save(gray / kind / "a" / "1.png")
+    proc = subprocess.run([sys.executable, str(script), str(gray), str(out), "--size", "4", "4"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert data.describe(npz_cfg(out)) == ((1, 4, 4), 1)
