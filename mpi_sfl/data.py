@@ -340,8 +340,9 @@ def _check_finite(x: np.ndarray, key: str, path: str, ids: np.ndarray | None = N
             bad = ~np.isfinite(part.astype(np.float32, copy=False)).reshape(len(part), -1).all(axis=1)
         if bad.any():
             row = a + int(np.flatnonzero(bad)[0])
-            raise UserError(f"{key} in {path} has non-finite values (NaN or inf{' as float32' if stored == np.float64 else ''}), "
-                            f"first in sample {row if ids is None else int(ids[row])}; fix or drop those samples")
+            how = " as float32" if stored == np.float64 else ""
+            raise UserError(f"{key} in {path} has non-finite values (NaN or inf{how}), first in sample "
+                            f"{row if ids is None else int(ids[row])}; fix or drop those samples")
 
 
 def npz_arrays(path: str) -> tuple[dict[str, NpzMember], dict[str, np.ndarray]]:

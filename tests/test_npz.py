@@ -50,3 +50,4 @@ def test_train_on_an_npz_file_equals_the_baseline(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("mpi-sfl: error:") == 1
     assert f"x_train in {bad} has non-finite values (NaN or inf), first in sample 7" in proc.stderr
+    assert not (tmp_path / "refused").exists()  # a set-up error leaves no output directory behind
