@@ -82,6 +82,7 @@ def make_clients(cfg: Config, spec: models.Spec, ids: list[int], device: torch.d
 
 class ClientRank:
     def __init__(self, job: Job, train: data.Split):
+        """`train`: the training samples of this rank's logical clients only (data.load(only=...))."""
         cfg = self.cfg = job.cfg
         self.job, self.train_set = job, train
         self.clients = make_clients(cfg, job.spec, job.layout.clients_of(job.rank), job.device)
@@ -205,8 +206,8 @@ class ClientRank:
                 self.sgd_step(c, plan.rnd, step)
 
     def batch(self, plan: data.RoundPlan, cid: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(plan.batches[cid][step])
-        return self.train_set.x[idx].to(self.job.device), self.train_set.y[idx].to(self.job.device)
+        rows = torch.from_numpy(self.train_set.rows(plan.batches[cid][step]))  # global ids -> this rank's rows
+        return self.train_set.x[rows].to(self.job.device), self.train_set.y[rows].to(self.job.device)
 
     def forward(self, part: Part, module: nn.Module, x: torch.Tensor, rnd: int, step: int, cid: int) -> torch.Tensor:
         if self.seeded[part]:

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import UserError
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("fashion-mnist", "synthetic"),
+    "data.dataset": ("fashion-mnist", "synthetic", "npz"),
     "data.partition": ("iid", "dirichlet", "shards"),
     "model.split": ("u", "label-sharing"),
     "sfl.variant": ("sync", "v1", "v2", "sl", "fl"),
@@ -48,6 +48,8 @@ class Raw(dict):
 class Data:
     dataset: str
     dir: str
+    path: str
+    shape: list[int]  # a list, not a tuple: checkpoints compare config dicts through JSON
     train_samples: int
     test_samples: int
     partition: str
@@ -199,9 +201,14 @@ def _set(cfg: Raw, base: Raw, dotted: str, value: Any, origin: str) -> None:
         known = ", ".join(f"{section}.{k}" for k in base.get(section, {})) or ", ".join(base)
         raise UserError(f"unknown config key {dotted!r} ({origin}); known: {known}")
     default = base[section][key]
-    if isinstance(default, list):
+    if isinstance(default, list):  # lists of ints (data.shape); kept a list, as TOML gives it
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    elif isinstance(default, bool):
+        if not ok:
+            raise UserError(f"{dotted} ({origin}) must be a list of integers like {_toml_value(default)}, "
+                            f"got {value!r} ({type(value).__name__})")
+        cfg[section][key] = list(value)
+        return
+    if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -211,7 +218,7 @@ def _set(cfg: Raw, base: Raw, dotted: str, value: Any, origin: str) -> None:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"{dotted} ({origin}) must be {'a list of ints' if isinstance(default, list) else type(default).__name__}, "
+        raise UserError(f"{dotted} ({origin}) must be {type(default).__name__}, "
                         f"got {value!r} ({type(value).__name__})")
     cfg[section][key] = value
 
@@ -237,8 +244,26 @@ def validate(cfg: Raw) -> None:
     if cfg["data"]["partition"] == "dirichlet" and not cfg["data"]["alpha"] > 0:
         raise UserError(f"data.alpha must be > 0, got {cfg['data']['alpha']}")
     _check_variant(cfg["sfl"]["variant"], cfg["sfl"]["servers"], cfg["train"])
-    if cfg["data"]["dataset"] == "synthetic" and cfg["data"]["dir"]:
-        raise UserError("data.dir is only for fashion-mnist; the synthetic set is generated")
+    _check_data(cfg["data"], defaults()["data"])
+
+
+def _check_data(d: dict, default: dict) -> None:
+    """Which data keys go with which data set (files are checked at set-up, not here)."""
+    dataset = d["dataset"]
+    if dataset != "fashion-mnist" and d["dir"]:
+        raise UserError(f"data.dir is only for fashion-mnist (data.dataset = {dataset!r}): remove it"
+                        + ("; the npz file is data.path" if dataset == "npz" else "; the synthetic set is generated"))
+    if dataset == "npz" and not d["path"]:
+        raise UserError("data.dataset = 'npz' needs data.path, the .npz file with x_train, y_train, x_test, y_test")
+    if dataset != "npz" and d["path"]:
+        raise UserError(f"data.path is only for data.dataset = 'npz' (here {dataset!r}): remove it, "
+                        "or set data.dataset = 'npz'")
+    shape = d["shape"]
+    if not shape or any(n <= 0 for n in shape):
+        raise UserError(f"data.shape must be one or more positive integers like [1, 28, 28], got {shape}")
+    if dataset != "synthetic" and shape != default["shape"]:
+        raise UserError(f"data.shape is the sample shape of the synthetic set only; {dataset} data has its own "
+                        f"shape ({'1 x 28 x 28' if dataset == 'fashion-mnist' else 'from the file'}): remove it")
 
 
 def _check_variant(variant: str, servers: int, train: dict) -> None:
@@ -261,19 +286,21 @@ def _check_variant(variant: str, servers: int, train: dict) -> None:
 
 
 def to_toml(cfg: "Config | dict") -> str:
-    """The resolved config as TOML that `load` reads back unchanged (flat sections, scalars)."""
+    """The resolved config as TOML that `load` reads back unchanged (flat sections, scalars, lists)."""
     lines: list[str] = []
     for section, table in (cfg.as_dict() if isinstance(cfg, Config) else cfg).items():
         lines.append(f"[{section}]")
         for key, value in table.items():
-            if isinstance(value, list):
-                text = "[" + ", ".join(repr(v) for v in value) + "]"
-            elif isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, (int, float)):
-                text = repr(value)
-            else:
-                text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-            lines.append(f"{key} = {text}")
+            lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 from mpi4py import MPI
 
 from . import checkpoint, client, config, control, data, fed_server, models, outdir, split_server
@@ -66,9 +67,9 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
     set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)), cfg.run.timeout_s)
     set_describer(layout.describe)
     role = layout.role(comm.rank)
-    # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache.
-    fail_together(comm, lambda: data.locate_fashion_mnist(cfg.data.dir)
-                  if comm.rank == 0 and cfg.data.dataset == "fashion-mnist" else None)
+    # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache, and
+    # checks an npz file through once (headers, labels, every value finite) before any rank loads it.
+    fail_together(comm, lambda: data.prepare(cfg) if comm.rank == 0 else None)
 
     def load():
         device = pick_device(cfg.run.device, local)
@@ -76,8 +77,9 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         shards = data.partition(labels, layout.clients, cfg)
         saved = resume_state(cfg, comm, shards) if start == "resume" else None
-        if role == CLIENT:
-            resource = data.load(cfg, "train")
+        if role == CLIENT:  # only its logical clients' samples
+            mine = np.concatenate([shards[c] for c in layout.clients_of(comm.rank)])
+            resource = data.load(cfg, "train", only=mine)
         elif role == FED:
             resource = data.load(cfg, "test")
         elif cfg.sfl.state == "file":
@@ -88,8 +90,8 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
 
     device, shards, saved, resource = fail_together(comm, load)
     job = Job(cfg, spec, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
-    # Each role gets what only it uses: clients the training set, the fed server the test set, a
-    # split server its scratch dir (file state).
+    # Each role gets what only it uses: a client rank its logical clients' training samples, the fed
+    # server the test set, a split server its scratch dir (file state).
     worker = ROLES[role](job, resource)
     if saved:
         worker.load_state_dict(saved["state"])

@@ -11,7 +11,7 @@ def test_defaults_are_valid_and_the_issue_knobs_exist():
     cfg = config.load()
     assert cfg.model.name == "cnn" and cfg.model.split == "u" and cfg.sfl.state == "file"
     assert cfg.data.dataset == "fashion-mnist" and cfg.sfl.aggregation == "centralized"
-    for key in ("data.dataset", "data.dir", "data.train_samples", "data.partition", "data.alpha",
+    for key in ("data.dataset", "data.dir", "data.path", "data.shape", "data.train_samples", "data.partition", "data.alpha",
                 "model.name", "model.split", "model.freeze_encoder", "train.rounds", "train.batch_size",
                 "train.lr", "train.momentum", "train.aggregate_every", "train.clients", "sfl.state",
                 "sfl.aggregation", "run.seed", "run.out_dir", "run.scratch_dir", "run.device"):
@@ -57,3 +57,54 @@ def test_unknown_section_in_file(tmp_path):
         config.load(str(path))
     with pytest.raises(UserError, match="not found"):
         config.load(str(tmp_path / "missing.toml"))
+
+
+def test_list_values_parse_write_and_read_back(tmp_path):
+    cfg = config.load(overrides=["data.dataset=synthetic", "data.shape=[3, 32, 32]"])
+    assert cfg.data.shape == [3, 32, 32] and type(cfg.data.shape) is list  # a list: JSON round trips compare equal
+    assert config.load().data.shape == [1, 28, 28]
+    text = config.to_toml(cfg)
+    assert "shape = [3, 32, 32]" in text
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    again = config.load(str(path))
+    assert again == cfg and type(again.data.shape) is list
+    assert config.load(overrides=["data.dataset=synthetic", "data.shape=[7]"]).data.shape == [7]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.shape=3", "data.shape (--set) must be a list of integers like [1, 28, 28], got 3 (int)"),
+    ("data.shape=[3, 2.5]", "must be a list of integers"),
+    ("data.shape=[true]", "must be a list of integers"),
+    ('data.shape=["a"]', "must be a list of integers"),
+    ("data.shape=3,32,32", "must be a list of integers"),
+    ("data.shape=[]", "data.shape must be one or more positive integers"),
+    ("data.shape=[3, 0, 2]", "data.shape must be one or more positive integers"),
+    ("data.shape=[-1]", "data.shape must be one or more positive integers"),
+])
+def test_bad_lists_are_refused(override, words):
+    with pytest.raises(UserError) as exc:
+        config.load(overrides=["data.dataset=synthetic", override])
+    assert words in str(exc.value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.dataset=npz"], "data.dataset = 'npz' needs data.path"),
+    (['data.path="x.npz"'], "data.path is only for data.dataset = 'npz' (here 'fashion-mnist')"),
+    (["data.dataset=synthetic", 'data.path="x.npz"'], "data.path is only for data.dataset = 'npz' (here 'synthetic')"),
+    (["data.dataset=npz", 'data.path="x.npz"', 'data.dir="/d"'], "data.dir is only for fashion-mnist"),
+    (["data.dataset=synthetic", 'data.dir="/d"'], "data.dir is only for fashion-mnist"),
+    (["data.shape=[3, 32, 32]"], "data.shape is the sample shape of the synthetic set only"),
+    (["data.dataset=npz", 'data.path="x.npz"', "data.shape=[2]"], "npz data has its own shape (from the file)"),
+    (["data.dataset=mnist"], "data.dataset = 'mnist' is not one of fashion-mnist, synthetic, npz"),
+])
+def test_data_keys_go_with_their_dataset(overrides, words):
+    with pytest.raises(UserError) as exc:
+        config.load(overrides=overrides)
+    assert words in str(exc.value)
+
+
+def test_npz_config_is_valid_without_the_file():
+    """The file is checked at set-up on rank 0 (data.prepare), not by the config."""
+    cfg = config.load(overrides=["data.dataset=npz", 'data.path="nowhere/mine.npz"'])
+    assert cfg.data.path == "nowhere/mine.npz" and cfg.data.shape == [1, 28, 28]
