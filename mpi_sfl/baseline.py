@@ -34,6 +34,10 @@ def run(cfg, start: str = "new") -> dict:
     if cfg.train.clients == 0:
         raise UserError("train.clients = 0 means one per client rank, which a single process "
                         "cannot know: set train.clients, or pass the config.toml an SFL run wrote")
+    if cfg.robust or cfg.train.attackers:
+        raise UserError("mpi-sfl baseline trains one model on the clients' concatenated batches: it has no "
+                        "averaging for sfl.aggregator or train.attackers to act on; set sfl.aggregator = 'mean' "
+                        "and train.attackers = 0")
     spec, summary = models.for_config(cfg)
     outdir.prepare(cfg.run.out_dir, start, space_needed(summary), can_resume=False)
     try:

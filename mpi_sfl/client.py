@@ -64,6 +64,17 @@ class LogicalClient:
                 n += p.numel()
 
 
+ATTACK = 7  # the seed part of a gaussian attacker's noise (models.batch_seed; parts are 0-2)
+
+
+def attackers(cfg: Config) -> list[int]:
+    """The logical clients that simulate an attack (train.attackers of them, a seeded choice)."""
+    k = cfg.train.attackers
+    if not k:
+        return []
+    return sorted(int(c) for c in np.random.default_rng([cfg.run.seed, 5381]).choice(cfg.train.clients, k, replace=False))
+
+
 def make_clients(cfg: Config, spec: models.Spec, ids: list[int], device: torch.device) -> list[LogicalClient]:
     base = spec.build(cfg.run.seed)
     out = []
@@ -92,8 +103,12 @@ class ClientRank:
         self.seeded = {Part.ENCODER: models.uses_rng(m.encoder), Part.BODY: models.uses_rng(m.body),
                        Part.HEAD: models.uses_rng(m.head)}
         self.aggregator = Aggregator(cfg.sfl.aggregation, job.fed_comm if cfg.centralized else job.clients_comm,
-                                     job.timers)
+                                     job.timers, cfg.sfl.aggregator, cfg.sfl.trim, cfg.sfl.byzantine_f,
+                                     cfg.sfl.krum_select)
         self.buf = torch.zeros_like(self.clients[0].flat)
+        # Simulated attackers (train.attackers) corrupt their update: the change since the last average.
+        self.attackers = set(attackers(cfg)) & set(self.by_id)
+        self.last_average = self.clients[0].flat[:-1].clone()
         self.relay_bytes = 0
         job.transport.patience = 1.5  # a stuck client is named by its split server, which waits less
         self.holder: int | None = None  # sl: the logical client that holds the relayed model
@@ -128,7 +143,7 @@ class ClientRank:
             if active:
                 (self.split_step if self.cfg.split else self.local_step)(active, plan, step)
             if self.job.aggregate_due(step, plan.steps):
-                self.average()
+                self.average(plan.rnd, step)
             self.job.step_done(plan.rnd, step + 1)
 
     def relay_round(self, plan: data.RoundPlan, first: int) -> None:
@@ -243,6 +258,7 @@ class ClientRank:
         return {"clients": [{"flat": c.flat.detach().cpu().clone(), "opt": c.opt.state_dict(), "trained": c.trained}
                             for c in self.clients],
                 "holder": -1 if self.holder is None else self.holder,
+                "last_average": self.last_average.detach().cpu().clone(),
                 "round": {"loss_sum": self.loss_sum, "samples": self.samples, "skipped": self.skipped,
                           "elapsed": MPI.Wtime() - self.t0 if self.t0 else 0.0},
                 "bytes": {"aggregated": self.aggregator.bytes_sent, "relayed": self.relay_bytes}}
@@ -253,6 +269,7 @@ class ClientRank:
             c.opt.load_state_dict(saved["opt"])
             c.trained = saved["trained"]
         self.holder = None if state["holder"] < 0 else state["holder"]
+        self.last_average.copy_(state["last_average"])
         r = state["round"]
         self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
         self.aggregator.bytes_sent, self.relay_bytes = state["bytes"]["aggregated"], state["bytes"]["relayed"]
@@ -267,18 +284,48 @@ class ClientRank:
         """Nothing to clean up (the split server removes its scratch)."""
 
     # -- weights between logical clients --------------------------------------------------------
-    def average(self) -> None:
-        """FedAvg of this rank's logical clients with everyone else's, weighted by samples trained."""
-        buf = self.buf
+    def average(self, rnd: int, step: int) -> None:
+        """FedAvg of this rank's logical clients with everyone else's, weighted by samples trained;
+        or, with a robust sfl.aggregator, their vectors combined (clients that trained vote)."""
+        buf, cfg = self.buf, self.cfg
         buf.zero_()
+        if cfg.robust:
+            trained = [c for c in self.clients if c.trained]
+            rows = np.empty((len(trained), buf.numel()), np.float32)
+            for row, c in zip(rows, trained):
+                row[:-1] = host(self.contribution(c, rnd, step))
+                row[-1] = c.trained
+            out = host(buf) if buf.device.type == "cpu" else buf.cpu().numpy()
+            self.aggregator.combine(rows, out)
+            if buf.device.type != "cpu":
+                buf.copy_(torch.from_numpy(out))
+        else:
+            for c in self.clients:
+                if c.trained:
+                    buf[:-1].add_(self.contribution(c, rnd, step), alpha=float(c.trained))
+                    buf[-1] += c.trained
+            self.aggregator.average(buf)
         for c in self.clients:
-            buf[:-1].add_(c.flat[:-1], alpha=float(c.trained))
-            buf[-1] += c.trained
             c.trained = 0
-        self.aggregator.average(buf)
         if buf[-1] > 0:
             for c in self.clients:
                 c.flat[:-1].copy_(buf[:-1])
+            self.last_average.copy_(buf[:-1])
+
+    def contribution(self, c: LogicalClient, rnd: int, step: int) -> torch.Tensor:
+        """What logical client `c` sends to the averaging: its vector, or, for a simulated attacker,
+        the last average plus its corrupted update (train.attack, train.attack_strength = s)."""
+        if c.cid not in self.attackers:
+            return c.flat[:-1]
+        s, base = self.cfg.train.attack_strength, self.last_average
+        update = c.flat[:-1] - base
+        if self.cfg.train.attack == "sign-flip":
+            return base - s * update
+        if self.cfg.train.attack == "scale":
+            return base + s * update
+        g = torch.Generator(device="cpu").manual_seed(models.batch_seed(self.cfg.run.seed, rnd, step, c.cid, ATTACK))
+        noise = torch.randn(update.shape, generator=g).to(update.device)
+        return base + noise * (s * float(update.pow(2).mean().sqrt()))
 
     def hand_over(self, src: int | None, dst: int) -> None:
         """sl: logical client `dst` takes the model (weights and optimizer state) from `src`."""

@@ -24,6 +24,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.variant": ("sync", "v1", "v2", "sl", "fl"),
     "sfl.state": ("file", "memory", "graph"),
     "sfl.aggregation": ("centralized", "decentralized"),
+    "sfl.aggregator": ("mean", "median", "trimmed-mean", "krum"),
+    "train.attack": ("sign-flip", "scale", "gaussian"),
     "train.on_nonfinite": ("stop", "skip"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "bar", "lines", "none"),
@@ -33,7 +35,8 @@ POSITIVE = ("train.rounds", "train.batch_size", "train.lr", "data.shards_per_cli
 NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum", "sfl.servers",
                 "train.clients_per_round",
                 "train.aggregate_every", "train.clients", "run.threads", "run.seed",
-                "run.checkpoint_every", "run.timeout_s")
+                "run.checkpoint_every", "run.timeout_s", "train.attackers", "train.attack_strength",
+                "sfl.trim", "sfl.byzantine_f", "sfl.krum_select", "sfl.gather_limit_mb")
 
 
 class Raw(dict):
@@ -75,6 +78,9 @@ class Train:
     clients: int
     clients_per_round: int
     on_nonfinite: str
+    attackers: int
+    attack: str
+    attack_strength: float
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,11 @@ class Sfl:
     variant: str
     state: str
     aggregation: str
+    aggregator: str
+    trim: float
+    byzantine_f: int
+    krum_select: int
+    gather_limit_mb: float
     servers: int
 
 
@@ -144,6 +155,12 @@ class Config:
     def split(self) -> bool:
         """Whether the model is cut at all (every variant but fl)."""
         return self.sfl.variant != "fl"
+
+    @property
+    def robust(self) -> bool:
+        """Whether averaging gathers every logical client's vector (median, trimmed mean, Krum)
+        instead of reducing their weighted sum."""
+        return self.sfl.aggregator != "mean"
 
     @property
     def averages(self) -> bool:
@@ -244,7 +261,19 @@ def validate(cfg: Raw) -> None:
     if cfg["data"]["partition"] == "dirichlet" and not cfg["data"]["alpha"] > 0:
         raise UserError(f"data.alpha must be > 0, got {cfg['data']['alpha']}")
     _check_variant(cfg["sfl"]["variant"], cfg["sfl"]["servers"], cfg["train"])
+    _check_aggregator(cfg["sfl"], cfg["train"], cfg["sfl"]["variant"])
     _check_data(cfg["data"], defaults()["data"])
+
+
+def _check_aggregator(sfl: dict, train: dict, variant: str) -> None:
+    """Settings a robust aggregator or an attack cannot work with (the counts that depend on the
+    number of logical clients are checked with the layout: aggregation.check_robust)."""
+    if not sfl["trim"] < 0.5:
+        raise UserError(f"sfl.trim = {sfl['trim']} cuts everything: it is the fraction cut at each end, "
+                        "so it must be < 0.5")
+    if variant == "sl" and (sfl["aggregator"] != "mean" or train["attackers"]):
+        raise UserError("sfl.variant = 'sl' relays one model and averages nothing: sfl.aggregator and "
+                        "train.attackers are for the variants that average")
 
 
 def _check_data(d: dict, default: dict) -> None:

@@ -34,7 +34,8 @@ class FedServer:
         self.server_flat = flatten_params([models.server_part(self.model, cfg.u_shape)], job.device) if cfg.split else None
         self.client_buf = np.zeros(self.client_flat.numel(), np.float32)
         self.server_buf = np.zeros(self.server_flat.numel() - 1 if cfg.split else 0, np.float32)
-        self.aggregator = Aggregator("centralized", job.fed_comm, job.timers)
+        self.aggregator = Aggregator("centralized", job.fed_comm, job.timers, cfg.sfl.aggregator, cfg.sfl.trim,
+                                     cfg.sfl.byzantine_f, cfg.sfl.krum_select)
         self.rows: list[dict] = []  # finished rounds' metrics rows
         self.train_seconds, self.samples, self.wall = 0.0, 0, 0.0
         self.started = MPI.Wtime()
@@ -51,7 +52,10 @@ class FedServer:
             t0 = MPI.Wtime()
             for step in range(first, job.steps(plan)):
                 if cfg.averages and cfg.centralized and job.aggregate_due(step, plan.steps):
-                    self.aggregator.average_at_root(self.client_buf)
+                    if cfg.robust:
+                        self.aggregator.combine_at_root(self.client_buf)
+                    else:
+                        self.aggregator.average_at_root(self.client_buf)
                 job.step_done(rnd, step + 1)
             self.end_round(rnd, plan, t0)
             if job.checkpoint_due(rnd):

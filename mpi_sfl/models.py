@@ -212,6 +212,12 @@ class Summary:
     out_shape: tuple[int, ...] | None    # z, per sample (server -> client, U-shaped); None for label-sharing
     up_bytes: int                        # per sample, client -> server
     down_bytes: int                      # per sample, server -> client
+    floats: dict[str, int] | None = None  # per part: what its flat vector averages (weights + buffers)
+
+    def client_floats(self, u_shape: bool, split: bool) -> int:
+        """The length of a logical client's vector in the averaging, without the weight slot."""
+        parts = ("encoder", "body", "head") if not split else ("encoder", "head") if u_shape else ("encoder",)
+        return sum(self.floats[p] for p in parts)
 
     def line(self, name: str, split: str) -> str:
         def size(b: int) -> str:
@@ -250,9 +256,10 @@ def check(spec: Spec, u_shape: bool, grad_input: bool) -> Summary:
     z_bytes = 4 * math.prod(shapes["body"]) if u_shape else 0
     up = h_bytes + (z_bytes if u_shape else 8)              # h, then dl/dz (U) or the label
     down = z_bytes + (h_bytes if grad_input else 0)          # z (U), then dl/dh
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in
-              (("encoder", model.encoder), ("body", model.body), ("head", model.head))}
-    return Summary(params, shapes["encoder"], shapes["body"] if u_shape else None, up, down)
+    named = (("encoder", model.encoder), ("body", model.body), ("head", model.head))
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in named}
+    floats = {k: params[k] + sum(b.numel() for b in m.buffers() if averaged(b)) for k, m in named}
+    return Summary(params, shapes["encoder"], shapes["body"] if u_shape else None, up, down, floats)
 
 
 class Part(IntEnum):
@@ -276,6 +283,13 @@ def client_parts(model: Parts, u_shape: bool, split: bool = True) -> list[nn.Mod
 def uses_rng(module: nn.Module) -> bool:
     """Whether a forward of `module` draws random numbers (dropout): only those are seeded per batch."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+
+
+def averaged(buffer: torch.Tensor) -> bool:
+    """Whether FedAvg averages a buffer with the weights: floating-point ones (BatchNorm's running
+    statistics) and integer scalars (its num_batches_tracked counter); other integer buffers are
+    index tables that training does not change (docs/design.md §4.1)."""
+    return buffer.is_floating_point() or buffer.dim() == 0
 
 
 def buffers(module: nn.Module) -> list[torch.Tensor]:

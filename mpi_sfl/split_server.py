@@ -20,13 +20,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
 from . import data, models
-from .aggregation import attach_flat_grads, flatten_params, host, param_count
+from .aggregation import Aggregator, attach_flat_grads, flatten_params, host, param_count
 from .control import nonfinite_message
 from .job import WEIGHTS_TAG, Job
 from .layout import SERVER
@@ -104,6 +105,9 @@ class SplitServer:
         self.client_buffers: dict[int, torch.Tensor] = {}
         self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device)
         self.rank_of = {c: r for r in job.layout.client_ranks_of(job.rank) for c in job.layout.clients_of(r)}
+        s = cfg.sfl  # v1 with a robust aggregator: the copies are combined like the client parts
+        self.copies_aggregator = Aggregator("decentralized", job.servers_comm, job.timers, s.aggregator, s.trim,
+                                            s.byzantine_f, s.krum_select)
         # This round so far (kept on the object: a checkpoint can fall between two steps).
         self.loss_sum, self.samples, self.skipped, self.elapsed, self.t0 = 0.0, 0, 0, 0.0, 0.0
 
@@ -344,7 +348,10 @@ class SplitServer:
                 self.step_buffers = None
 
     def average_copies(self) -> None:
-        """v1: the copies' sample-weighted average (over every split server) becomes every copy."""
+        """v1: the copies' sample-weighted average (over every split server) becomes every copy;
+        with a robust sfl.aggregator, the copies that trained are combined robustly instead."""
+        if self.cfg.robust:
+            return self.combine_copies()
         acc = torch.zeros_like(self.main.flat)
         for part in (self.copies[c] for c in sorted(self.copies)):  # a fixed sum order: same bits every run
             acc[:-1].add_(part.flat[:-1], alpha=float(part.trained))
@@ -353,6 +360,23 @@ class SplitServer:
         self.allreduce(acc)
         if acc[-1] > 0:
             self.main.flat[:-1].copy_(acc[:-1] / acc[-1])
+            for part in self.copies.values():
+                part.flat[:-1].copy_(self.main.flat[:-1])
+
+    def combine_copies(self) -> None:
+        """v1, robust aggregator: every split server's trained copies, gathered (Allgatherv among
+        the split servers) and combined; the result becomes every copy."""
+        trained = [self.copies[c] for c in sorted(self.copies) if self.copies[c].trained]
+        rows = np.empty((len(trained), self.main.flat.numel()), np.float32)
+        for row, part in zip(rows, trained):
+            row[:-1], row[-1] = host(part.flat[:-1]), part.trained
+        for part in self.copies.values():
+            part.trained = 0
+        out = host(self.main.flat).copy()
+        out[-1] = 0
+        self.copies_aggregator.combine(rows, out)
+        if out[-1] > 0:
+            self.main.flat[:-1].copy_(torch.from_numpy(out[:-1]))
             for part in self.copies.values():
                 part.flat[:-1].copy_(self.main.flat[:-1])
 

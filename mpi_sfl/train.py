@@ -25,6 +25,7 @@ from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
 from .layout import CLIENT, FED, ROLE_NAMES, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
+from .aggregation import check_robust
 from .outputs import space_needed
 from .state import make_scratch
 from .transport import PeerTimeout, polite_wait, set_describer, set_wait_mode
@@ -58,10 +59,15 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         layout = Layout.from_config(cfg, comm.size)
         cfg = cfg.replace("train", clients=layout.clients)  # resolved: the written config.toml reruns as is
         spec, summary = models.for_config(cfg)  # imports a user model on every rank; a dummy batch through it
+        if cfg.train.attackers > layout.clients:
+            raise UserError(f"train.attackers = {cfg.train.attackers} exceeds the {layout.clients} logical clients")
+        gathering = check_robust(cfg.sfl.aggregator, cfg.train.clients_per_round or layout.clients, cfg.sfl.trim,
+                                 cfg.sfl.byzantine_f, summary.client_floats(cfg.u_shape, cfg.split) + 1,
+                                 cfg.sfl.gather_limit_mb)
         if comm.rank == 0:  # checked, created and locked before any work; nothing is written on failure
             outdir.prepare(cfg.run.out_dir, start, space_needed(summary))
             held.append(cfg.run.out_dir)
-        return cfg, layout, spec, summary
+        return cfg, layout, spec, [summary.line(cfg.model.name, cfg.model.split)] + [gathering] * bool(gathering)
 
     cfg, layout, spec, summary = fail_together(comm, setup)
     set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)), cfg.run.timeout_s)
@@ -165,10 +171,11 @@ def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ") 
     return code
 
 
-def announce(job: Job, summary: models.Summary) -> None:
+def announce(job: Job, lines: list[str]) -> None:
     """Rank 0 writes out_dir/ranks.tsv (rank, role, host, pid, logical clients): when a rank dies,
-    mpiexec names only its pid; this file says which rank and role that was. It prints the model
-    summary (parameters per part, the cut, bytes per sample each way) with the start line."""
+    mpiexec names only its pid; this file says which rank and role that was. It prints `lines` (the
+    model summary: parameters per part, the cut, bytes per sample each way; what gathering costs)
+    with the start line."""
     rows = job.comm.gather((job.rank, ROLE_NAMES[job.layout.role(job.rank)], socket.gethostname(), os.getpid(),
                             job.layout.clients_of(job.rank) if job.layout.role(job.rank) == CLIENT else []), root=0)
     if job.rank != 0:
@@ -181,5 +188,5 @@ def announce(job: Job, summary: models.Summary) -> None:
     if job.cfg.run.progress != "none":
         r0, s0 = job.start
         where = f"resuming at round {r0 + 1}, step {s0}" if job.start != (0, 0) else "starting"
-        print(f"[mpi-sfl] {where}: {job.comm.size} ranks (which pid is which rank: {out / 'ranks.tsv'})\n"
-              f"[mpi-sfl] {summary.line(job.cfg.model.name, job.cfg.model.split)}", file=sys.stderr, flush=True)
+        print(f"[mpi-sfl] {where}: {job.comm.size} ranks (which pid is which rank: {out / 'ranks.tsv'})"
+              + "".join(f"\n[mpi-sfl] {line}" for line in lines), file=sys.stderr, flush=True)

@@ -1,0 +1,113 @@
+"""Robust aggregators and simulated attackers (docs/design.md §2, robust aggregation).
+
+In-process: each statistic against its definition; set-up refusals. Through mpiexec: the gather
+collectives give robust_combine's bits at several -n; a robust aggregator on two equal clients is the
+mean (its defining property where the statistics coincide), for the client parts and v1's server
+copies; attacked clients wreck the mean but not the median or Krum.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, load_model, metrics, mpirun, mpiscript, ok, sets
+from mpi_sfl import config
+from mpi_sfl.aggregation import check_robust, krum_select, robust_combine
+from mpi_sfl.errors import UserError
+
+TOL = 2e-5
+
+
+def test_statistics_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(7, 50)).astype(np.float32)
+    blocks = [v[:, :20], v[:, 20:]]
+    med = np.concatenate(robust_combine("median", blocks, 0, 0, 1))
+    assert np.array_equal(med, np.median(v, axis=0).astype(np.float32))
+    tm = np.concatenate(robust_combine("trimmed-mean", blocks, 0.3, 0, 1))  # 2 cut at each end of 7
+    assert np.allclose(tm, np.sort(v, axis=0)[2:5].mean(axis=0), atol=1e-6)
+    assert not np.allclose(tm, v.mean(axis=0), atol=1e-3)
+
+
+def test_krum_picks_the_honest_cluster():
+    rng = np.random.default_rng(1)
+    honest = rng.normal(0, 0.1, size=(5, 30))
+    attack = rng.normal(50, 0.1, size=(2, 30))
+    v = np.concatenate([attack, honest]).astype(np.float32)
+    chosen = krum_select([v[:, :10], v[:, 10:]], f=2, select=0)  # multi-Krum: M - f = 5 vectors
+    assert chosen.tolist() == [2, 3, 4, 5, 6]
+    one = np.concatenate(robust_combine("krum", [v], 0, 2, 1))
+    assert any(np.array_equal(one, row) for row in v[2:])  # Krum returns one honest vector
+
+
+@pytest.mark.parametrize("kind, clients, trim, f, limit, words", [
+    ("krum", 4, 0.1, 1, 2048, "needs more than 4 logical clients per averaging; there are 4"),
+    ("median", 1000, 0.1, 1, 10, "1000 client vectors of 50,000 floats: 191 MB where they are gathered, "
+                                 "over sfl.gather_limit_mb = 10"),
+])
+def test_aggregators_that_cannot_work_are_refused(kind, clients, trim, f, limit, words):
+    with pytest.raises(UserError) as err:
+        check_robust(kind, clients, trim, f, 50_000, limit)
+    assert words in str(err.value)
+    assert "gathers 10 client vectors of 50,000 floats, 1.9 MB" in check_robust("median", 10, 0.1, 1, 50_000, 2048)
+
+
+def test_a_trim_that_cuts_everything_is_refused():
+    with pytest.raises(UserError, match=r"sfl.trim = 0.5 cuts everything.*must be < 0.5"):
+        config.load(overrides=["sfl.aggregator=\"trimmed-mean\"", "sfl.trim=0.5"])
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_gather_collectives_give_the_statistics_bits(n):
+    proc = ok(mpiscript(n, REPO / "tests" / "mpi_robust.py", "150"))
+    assert proc.stdout.count("same bits") == 4 * (2 * n - 1) and "DIFFERENT" not in proc.stdout
+
+
+def run(tmp_path, name: str, ranks: int, settings: list[str]) -> dict:
+    out = tmp_path / name
+    ok(mpirun(ranks, "train", *sets(TINY + settings + [f'run.out_dir="{out}"'])))
+    return {"model": load_model(out), "rows": metrics(out)}
+
+
+def diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_robust_aggregators_on_two_equal_clients_are_the_mean(tmp_path):
+    """Two clients with equal shards: their median and their untrimmed mean are their
+    (sample-weighted) mean, for the client parts and for v1's server copies on 2 split servers."""
+    common = ["train.clients=2", "sfl.variant=\"v1\"", "sfl.servers=2", "train.aggregate_every=2",
+              "sfl.aggregation=\"decentralized\"", "model.name=\"cnn\""]
+    mean = run(tmp_path, "mean", 5, common)
+    for name, extra in (("median", ["sfl.aggregator=\"median\""]),
+                        ("trimmed", ["sfl.aggregator=\"trimmed-mean\"", "sfl.trim=0.0", "sfl.aggregation=\"centralized\""])):
+        assert diff(run(tmp_path, name, 5, common + extra)["model"], mean["model"]) < TOL, name
+    # control: the median of three clients is not their mean
+    three = [s for s in common if s != "train.clients=2"] + ["train.clients=3"]
+    assert diff(run(tmp_path, "median3", 5, three + ["sfl.aggregator=\"median\""])["model"],
+                run(tmp_path, "mean3", 5, three)["model"]) > 100 * TOL
+
+
+def test_attackers_wreck_the_mean_not_the_robust_aggregators(tmp_path):
+    """fl on 6 logical clients, 2 of them sending 10x sign-flipped updates every round: the mean
+    ends far from the honest model and loses its accuracy; median and Krum stay near it."""
+    common = ["sfl.variant=\"fl\"", "sfl.servers=0", "train.clients=6", "model.name=\"mlp\"", "train.rounds=3",
+              "data.train_samples=480"]
+    honest = run(tmp_path, "honest", 3, common)
+    attack = common + ["train.attackers=2", "train.attack=\"sign-flip\""]
+    mean = run(tmp_path, "mean", 3, attack)
+    median = run(tmp_path, "median", 3, attack + ["sfl.aggregator=\"median\"", "sfl.aggregation=\"decentralized\""])
+    krum = run(tmp_path, "krum", 3, attack + ["sfl.aggregator=\"krum\"", "sfl.byzantine_f=2", "train.clients=7"])
+    acc = {k: r["rows"][-1]["test_accuracy"] for k, r in
+           (("honest", honest), ("mean", mean), ("median", median), ("krum", krum))}
+    assert acc["honest"] > 0.9 and acc["mean"] < 0.5, acc
+    assert acc["median"] > 0.6 and acc["krum"] > 0.6, acc
+    far = diff(mean["model"], honest["model"])
+    assert diff(median["model"], honest["model"]) < far / 5, (far, acc)
+
+
+def test_an_impossible_aggregator_ends_the_job_at_set_up(tmp_path):
+    proc = mpirun(4, "train", *sets(TINY + ["train.clients=4", "sfl.aggregator=\"krum\"", "sfl.byzantine_f=1",
+                                            f'run.out_dir="{tmp_path / "x"}"']), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("mpi-sfl: error:") == 1, proc.stderr[-2000:]
+    assert "needs more than 4 logical clients per averaging; there are 4" in proc.stderr
