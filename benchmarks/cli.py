@@ -10,6 +10,7 @@ Suites (benchmarks/README.md):
   memory      split-server peak RSS vs client batches in flight, per state mode (--model too)
   scaling     strong and weak scaling over client ranks, with a per-phase breakdown and a plot
   variants    baseline, fl, sl, v1, v2 and sync on the same job, three partitions: accuracy, time, bytes
+  attacks     mean, median, trimmed mean, Krum, multi-Krum against attacked clients: accuracy, aggregation time
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import aggregate, common, memory, model, scaling, throughput, variants, wire
+from benchmarks import aggregate, attacks, common, memory, model, scaling, throughput, variants, wire
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -48,6 +49,7 @@ SUITES = {
     "memory": memory.run,
     "scaling": scaling.run,
     "variants": variants.run,
+    "attacks": attacks.run,
     "model": model.run,
 }
 

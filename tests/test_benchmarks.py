@@ -66,6 +66,17 @@ def test_suite(suite, tmp_path):
         assert Path(doc["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_attacks(tmp_path):
+    """Every aggregator ran against the attackers, beside the run without them."""
+    doc = bench("attacks", tmp_path / "attacks.json")
+    assert doc["suite"] == "attacks" and doc["level"] == "tiny"
+    assert [r["aggregator"] for r in doc["results"]] == ["mean, no attackers", "mean", "median", "trimmed-mean",
+                                                         "krum", "multi-krum"]
+    assert [r["attackers"] for r in doc["results"]] == [0] + [2] * 5
+    assert all(0 <= v <= 1 for v in doc["summary"].values())
+    assert all(r["aggregation_s_per_round"] > 0 for r in doc["results"])
+
+
 def test_scaling_then_model(tmp_path):
     """Scaling writes its plot; the cost model checks itself against that scaling run."""
     scaling = bench("scaling", tmp_path / "scaling.json")
