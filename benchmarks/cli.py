@@ -11,6 +11,7 @@ Suites (benchmarks/README.md):
   scaling     strong and weak scaling over client ranks, with a per-phase breakdown and a plot
   variants    baseline, fl, sl, v1, v2 and sync on the same job, three partitions: accuracy, time, bytes
   attacks     mean, median, trimmed mean, Krum, multi-Krum against attacked clients: accuracy, aggregation time
+  noise       test accuracy and input/wire distance correlation against the noise added at the cut
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -32,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import aggregate, attacks, common, memory, model, scaling, throughput, variants, wire
+from benchmarks import aggregate, attacks, common, memory, model, noise, scaling, throughput, variants, wire
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -50,6 +51,7 @@ SUITES = {
     "scaling": scaling.run,
     "variants": variants.run,
     "attacks": attacks.run,
+    "noise": noise.run,
     "model": model.run,
 }
 

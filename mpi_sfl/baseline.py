@@ -73,6 +73,10 @@ def _train(cfg, spec: models.Spec) -> dict:
             out, y = train.x[idx].to(device), train.y[idx].to(device)
             for part, tag in parts:
                 out = _forward_part(part, tag, out, update, plan, seed)
+                if tag == Part.ENCODER and cfg.split and (cfg.sfl.noise_std or cfg.sfl.clip_norm):
+                    out = torch.cat([models.cut_noise(chunk, cfg.sfl.noise_std, cfg.sfl.clip_norm, seed, plan.rnd, t, c)
+                                     for chunk, (c, t) in zip(torch.split(out, [plan.batch_len(c, t) for c, t in update]),
+                                                              update)])
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()

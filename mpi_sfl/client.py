@@ -108,6 +108,7 @@ class ClientRank:
         self.buf = torch.zeros_like(self.clients[0].flat)
         # Simulated attackers (train.attackers) corrupt their update: the change since the last average.
         self.attackers = set(attackers(cfg)) & set(self.by_id)
+        self.noisy = bool(cfg.sfl.noise_std or cfg.sfl.clip_norm)  # what crosses the cut is clipped / noised
         self.last_average = self.clients[0].flat[:-1].clone()
         self.relay_bytes = 0
         job.transport.patience = 1.5  # a stuck client is named by its split server, which waits less
@@ -166,6 +167,9 @@ class ClientRank:
                 x, y = self.batch(plan, c.cid, step)
                 with torch.set_grad_enabled(self.cfg.grad_input):
                     h = self.forward(Part.ENCODER, c.model.encoder, x, rnd, step, c.cid)
+                    if self.noisy:
+                        h = models.cut_noise(h, self.cfg.sfl.noise_std, self.cfg.sfl.clip_norm, self.cfg.run.seed,
+                                             rnd, step, c.cid)
                 c.batch = {"h": h, "y": y}
                 t.isend(h, server, ACT, rnd, step, c.cid)
                 if not self.cfg.u_shape:

@@ -36,7 +36,8 @@ NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum", "sf
                 "train.clients_per_round",
                 "train.aggregate_every", "train.clients", "run.threads", "run.seed",
                 "run.checkpoint_every", "run.timeout_s", "train.attackers", "train.attack_strength",
-                "sfl.trim", "sfl.byzantine_f", "sfl.krum_select", "sfl.gather_limit_mb")
+                "sfl.trim", "sfl.byzantine_f", "sfl.krum_select", "sfl.gather_limit_mb", "sfl.noise_std",
+                "sfl.clip_norm")
 
 
 class Raw(dict):
@@ -93,6 +94,8 @@ class Sfl:
     byzantine_f: int
     krum_select: int
     gather_limit_mb: float
+    noise_std: float
+    clip_norm: float
     servers: int
 
 
@@ -271,6 +274,9 @@ def _check_aggregator(sfl: dict, train: dict, variant: str) -> None:
     if not sfl["trim"] < 0.5:
         raise UserError(f"sfl.trim = {sfl['trim']} cuts everything: it is the fraction cut at each end, "
                         "so it must be < 0.5")
+    if variant == "fl" and (sfl["noise_std"] or sfl["clip_norm"]):
+        raise UserError("sfl.noise_std and sfl.clip_norm act on the activations at the cut; sfl.variant = 'fl' "
+                        "has no cut: set them to 0")
     if variant == "sl" and (sfl["aggregator"] != "mean" or train["attackers"]):
         raise UserError("sfl.variant = 'sl' relays one model and averages nothing: sfl.aggregator and "
                         "train.attackers are for the variants that average")

@@ -332,6 +332,22 @@ def restore(bufs: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
         b.data.copy_(s)
 
 
+NOISE = 8  # the seed part of a batch's noise at the cut (parts are 0-2, an attacker's noise 7)
+
+
+def cut_noise(h: torch.Tensor, std: float, clip: float, seed: int, rnd: int, step: int, client: int) -> torch.Tensor:
+    """What a client sends for its activation h (sfl.clip_norm, sfl.noise_std): each sample clipped
+    to L2 norm `clip` (0: not clipped), plus N(0, std^2) noise drawn from the batch's own seed, so the
+    baseline adds the very same noise. A noise knob, not a differential-privacy guarantee."""
+    if clip > 0:
+        norms = h.flatten(1).norm(dim=1).clamp_min(1e-12)
+        h = h * (clip / norms).clamp(max=1.0).view(-1, *[1] * (h.dim() - 1))
+    if std > 0:
+        g = torch.Generator(device="cpu").manual_seed(batch_seed(seed, rnd, step, client, NOISE))
+        h = h + std * torch.randn(h.shape, generator=g).to(h.device)
+    return h
+
+
 def batch_seed(seed: int, rnd: int, step: int, client: int, part: Part) -> int:
     """The RNG seed for one part's forward of one client's batch.
 

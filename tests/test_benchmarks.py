@@ -77,6 +77,15 @@ def test_attacks(tmp_path):
     assert all(r["aggregation_s_per_round"] > 0 for r in doc["results"])
 
 
+def test_noise(tmp_path):
+    """Each noise level trained and had its leakage measured; the plot is written."""
+    doc = bench("noise", tmp_path / "noise.json")
+    assert [r["noise_std"] for r in doc["results"]] == [0.0, 4.0]
+    assert all(0 <= r["distance_correlation"] <= 1 and 0 <= r["final_accuracy"] <= 1 for r in doc["results"])
+    assert doc["results"][1]["distance_correlation"] < doc["results"][0]["distance_correlation"]
+    assert Path(doc["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_scaling_then_model(tmp_path):
     """Scaling writes its plot; the cost model checks itself against that scaling run."""
     scaling = bench("scaling", tmp_path / "scaling.json")
