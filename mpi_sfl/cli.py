@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 from . import plot
                 print(plot.plot(args.runs, args.out or str(Path(args.runs[0]) / "curves.png")))
+                for run in args.runs:  # and each training run's partition, where it wrote one
+                    drawn = plot.plot_partition(run)
+                    if drawn:
+                        print(drawn)
         except UserError as exc:
             print(f"mpi-sfl: error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)

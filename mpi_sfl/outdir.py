@@ -40,6 +40,7 @@ RESULTS = ("metrics.jsonl", "summary.json", "model.pt", "checkpoint")
 # Everything this program writes into OUT (globs); --overwrite removes these and nothing else. The
 # `.tmp-*` temporaries are those of atomic_write / atomic_torch_save left by a killed job.
 OURS = ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.pt.tmp", "curves.png", "ranks.tsv",
+        "partition.json", "partition.json.tmp-*", "partition.png",
         "checkpoint", "checkpoint.old", "checkpoint.tmp*",
         "config.toml.tmp-*", "metrics.jsonl.tmp-*", "summary.json.tmp-*", "model.pt.tmp-*")
 

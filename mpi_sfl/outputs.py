@@ -44,6 +44,16 @@ def role_rows(stats: np.ndarray) -> dict:
     return out
 
 
+def partition_report(labels: np.ndarray, shards: list[np.ndarray], classes: int) -> dict:
+    """How non-IID the federation is: each logical client's samples and label histogram."""
+    hist = [np.bincount(labels[s], minlength=classes).tolist() for s in shards]
+    samples = [len(s) for s in shards]
+    present = [sum(1 for h in row if h) for row in hist]
+    return {"clients": len(shards), "classes": classes, "samples": samples, "labels": hist,
+            "summary": {"min_samples": min(samples), "max_samples": max(samples),
+                        "mean_classes_present": sum(present) / len(present)}}
+
+
 def space_needed(summary: models.Summary) -> int:
     """A rough floor on the disk space a run needs in run.out_dir (checked by outdir.prepare):
     64 MiB for the metrics, config and slack, plus 4 float32 copies of the model — model.pt, its

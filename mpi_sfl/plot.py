@@ -71,3 +71,35 @@ def plot(run_dirs: list[str], out: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_partition(run_dir: str) -> Path | None:
+    """RUN_DIR/partition.png from the partition.json a training run wrote (None if it has none):
+    each logical client's samples, stacked by label."""
+    src = Path(run_dir) / "partition.json"
+    if not src.is_file():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = json.loads(src.read_text())
+    hist = report["labels"]
+    fig, ax = plt.subplots(figsize=(min(16, 3 + 0.25 * len(hist)), 4))
+    bottom = [0] * len(hist)
+    cmap = plt.get_cmap("tab10" if report["classes"] <= 10 else "tab20")
+    for k in range(report["classes"]):
+        counts = [row[k] for row in hist]
+        ax.bar(range(len(hist)), counts, bottom=bottom, width=0.9, color=cmap(k % cmap.N), label=str(k))
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    ax.set_xlabel("logical client")
+    ax.set_ylabel("samples (stacked by label)")
+    ax.set_title(f"partition: {report['clients']} clients, {report['summary']['mean_classes_present']:.1f} of "
+                 f"{report['classes']} classes present on average")
+    if report["classes"] <= 20:
+        ax.legend(title="label", fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    path = Path(run_dir) / "partition.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

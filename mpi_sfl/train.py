@@ -26,7 +26,8 @@ from .errors import UserError, fail_together
 from .job import Job
 from .layout import CLIENT, FED, ROLE_NAMES, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
 from .aggregation import check_robust
-from .outputs import space_needed
+from .outdir import atomic_write, strict_json
+from .outputs import partition_report, space_needed
 from .state import make_scratch
 from .transport import PeerTimeout, polite_wait, set_describer, set_wait_mode
 
@@ -82,6 +83,9 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         shards = data.partition(labels, layout.clients, cfg)
+        if comm.rank == 0:  # how non-IID the federation is, beside the results (mpi-sfl plot draws it)
+            report = partition_report(labels, shards, spec.num_classes)
+            atomic_write(Path(cfg.run.out_dir) / "partition.json", (strict_json(report) + "\n").encode())
         saved = resume_state(cfg, comm, shards) if start == "resume" else None
         if role == CLIENT:  # only its logical clients' samples
             mine = np.concatenate([shards[c] for c in layout.clients_of(comm.rank)])

@@ -35,3 +35,24 @@ def test_plot_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="no finished round"):
         plot.read_run(str(tmp_path / "empty"))
+
+
+def test_a_run_reports_its_partition_and_plot_draws_it(tmp_path):
+    """partition.json: each logical client's samples and label histogram, the partition the ranks
+    trained on (recomputed here); `mpi-sfl plot` draws it as partition.png."""
+    import numpy as np
+    from conftest import TINY, mpirun, ok, sets
+    from mpi_sfl import config, data
+
+    settings = TINY + ["train.clients=5", "data.partition=\"dirichlet\"", "data.alpha=0.3", "sfl.variant=\"fl\"",
+                       "sfl.servers=0", "train.rounds=1", f'run.out_dir="{tmp_path}"']
+    ok(mpirun(3, "train", *sets(settings)))
+    report = json.loads((tmp_path / "partition.json").read_text())
+    cfg = config.load(overrides=settings)
+    labels = data.load(cfg, "train", labels_only=True).y.numpy()
+    shards = data.partition(labels, 5, cfg)
+    assert report["samples"] == [len(s) for s in shards] and sum(report["samples"]) == 240
+    assert report["labels"] == [np.bincount(labels[s], minlength=10).tolist() for s in shards]
+    assert report["summary"]["mean_classes_present"] < 10  # Dirichlet(0.3) is not IID
+    cli.main(["plot", str(tmp_path)])
+    assert (tmp_path / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
