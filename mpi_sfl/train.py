@@ -175,9 +175,9 @@ def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ") 
     return code
 
 
-def announce(job: Job, lines: list[str]) -> None:
+def announce(job: Job, about: list[str]) -> None:
     """Rank 0 writes out_dir/ranks.tsv (rank, role, host, pid, logical clients): when a rank dies,
-    mpiexec names only its pid; this file says which rank and role that was. It prints `lines` (the
+    mpiexec names only its pid; this file says which rank and role that was. It prints `about` (the
     model summary: parameters per part, the cut, bytes per sample each way; what gathering costs)
     with the start line."""
     rows = job.comm.gather((job.rank, ROLE_NAMES[job.layout.role(job.rank)], socket.gethostname(), os.getpid(),
@@ -193,4 +193,4 @@ def announce(job: Job, lines: list[str]) -> None:
         r0, s0 = job.start
         where = f"resuming at round {r0 + 1}, step {s0}" if job.start != (0, 0) else "starting"
         print(f"[mpi-sfl] {where}: {job.comm.size} ranks (which pid is which rank: {out / 'ranks.tsv'})"
-              + "".join(f"\n[mpi-sfl] {line}" for line in lines), file=sys.stderr, flush=True)
+              + "".join(f"\n[mpi-sfl] {line}" for line in about), file=sys.stderr, flush=True)

@@ -309,7 +309,7 @@ def test_a_second_run_is_refused_until_overwrite(tmp_path):
     ok(train(out, "--overwrite", settings=["run.seed=1"]))
     assert (out / "model.pt").read_bytes() != before["model.pt"]
     assert config.load(str(out / "config.toml")).run.seed == 1
-    assert sorted(os.listdir(out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "ranks.tsv",
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "ranks.tsv",
                                        "summary.json"]  # lock released
 
 
