@@ -55,8 +55,8 @@ def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
     assert {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()} == before
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
     assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
-    assert sorted(os.listdir(sfl_out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "ranks.tsv",
-                                           "summary.json"]  # SFL also: its checkpoint and which pid is which rank
+    assert sorted(os.listdir(sfl_out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "partition.json",
+                                           "ranks.tsv", "summary.json"]  # SFL also: its checkpoint, partition, ranks
     assert load_model(tmp_path).keys() == load_model(sfl_out).keys()
     assert len(metrics(tmp_path)) == 2
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"', "--overwrite"))
