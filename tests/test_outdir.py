@@ -108,8 +108,8 @@ def test_release_removes_an_unused_dir_prepare_created(tmp_path):
 
 
 # -- earlier results: new, overwrite, resume ----------------------------------------------------------
-OURS = ["config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.pt.tmp", "curves.png", "ranks.tsv", "partition.json", "partition.png",
-        "model.pt.tmp-123", "metrics.jsonl.tmp-9", "checkpoint/meta.json", "checkpoint.old/meta.json",
+OURS = ["config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.pt.tmp", "curves.png", "ranks.tsv",
+        "partition.json", "partition.png", "model.pt.tmp-123", "metrics.jsonl.tmp-9", "checkpoint/meta.json", "checkpoint.old/meta.json",
         "checkpoint.tmp-4/part"]
 THEIRS = ["notes.txt", "metrics.jsonl.bak", "data/model.pt", "checkpoints/meta.json", "old/summary.json"]
 
