@@ -27,6 +27,7 @@ from mpi4py import MPI
 from torch import nn
 
 from . import models
+from .errors import UserError
 from .timing import Timers
 from .transport import polite_wait
 
@@ -140,7 +141,6 @@ def check_robust(kind: str, clients: int, trim: float, f: int, floats: int, limi
     """Set-up: a robust aggregator that cannot work with `clients` vectors of `floats` floats ends
     the job (UserError); else the line that says what gathering costs. (A trim below 0.5, which the
     config demands, always leaves a value: 2 floor(trim M) < M.)"""
-    from .errors import UserError
     if kind == "mean":
         return ""
     if kind == "krum" and clients <= 2 * f + 2:
@@ -200,7 +200,7 @@ class Aggregator:
         sum of n_i] (unchanged when no client contributed anywhere)."""
         with self.timers.phase("aggregation"):
             root = self.mode == "centralized"
-            counts = self._counts(len(rows), root)
+            counts = self._counts(len(rows))
             blocks = self._gather(rows, counts, out.size, root)
             if not root:
                 self._reduce(blocks, out)
@@ -212,14 +212,14 @@ class Aggregator:
     def combine_at_root(self, out: np.ndarray) -> np.ndarray:
         """Fed server side of `combine` (centralized): gathers, computes, broadcasts."""
         with self.timers.phase("aggregation"):
-            counts = self._counts(0, True)
+            counts = self._counts(0)
             blocks = self._gather(np.zeros((0, out.size), np.float32), counts, out.size, True)
             self._reduce(blocks, out)
             polite_wait([self.comm.Ibcast(p, root=0) for p in buckets(out)], who=WHO, collective=True)
             self.bytes_sent += out.nbytes
         return out
 
-    def _counts(self, mine: int, root: bool) -> np.ndarray:
+    def _counts(self, mine: int) -> np.ndarray:
         """Every rank's number of rows, on every rank (all cut the columns alike)."""
         counts = np.zeros(self.comm.size, np.int64)
         polite_wait(self.comm.Iallgather(np.array([mine], np.int64), counts), who=WHO, collective=True)
@@ -230,7 +230,7 @@ class Aggregator:
         centralized: elsewhere empty); about BUCKET floats a block."""
         m = int(counts.sum())
         step = max(1, BUCKET // max(1, m))
-        blocks, reqs = [], []
+        blocks, sends, reqs = [], [], []  # the send copies live until the collectives complete
         for a in range(0, width, step):
             b = min(width, a + step)
             send = np.ascontiguousarray(rows[:, a:b])
@@ -240,18 +240,18 @@ class Aggregator:
                 reqs.append(self.comm.Igatherv(send, spec if self.comm.rank == 0 else None, root=0))
             else:
                 reqs.append(self.comm.Iallgatherv(send, spec))
-            blocks.append((recv, send))
+            blocks.append(recv)
+            sends.append(send)
         polite_wait(reqs, who=WHO, collective=True)
-        return [r for r, _ in blocks]
+        return blocks
 
     def _reduce(self, blocks: list[np.ndarray], out: np.ndarray) -> None:
         """[robust aggregate, total samples] of the gathered rows into `out` (no rows: unchanged)."""
         if not blocks or blocks[0].shape[0] == 0:
             return
         samples = float(blocks[-1][:, -1].astype(np.float64).sum())
-        weights = [b for b in blocks]
-        weights[-1] = weights[-1][:, :-1]  # the last column is n_i, not a weight
-        combined = np.concatenate(robust_combine(self.kind, [b for b in weights if b.shape[1]], self.trim,
-                                                 self.f, self.select)) if out.size > 1 else np.zeros(0, np.float32)
-        out[:-1] = combined
+        vectors = blocks[:-1] + [blocks[-1][:, :-1]]  # the last column is n_i, not part of W_i
+        vectors = [b for b in vectors if b.shape[1]]
+        if vectors:
+            out[:-1] = np.concatenate(robust_combine(self.kind, vectors, self.trim, self.f, self.select))
         out[-1] = samples

@@ -299,7 +299,7 @@ class ClientRank:
             for row, c in zip(rows, trained):
                 row[:-1] = host(self.contribution(c, rnd, step))
                 row[-1] = c.trained
-            out = host(buf) if buf.device.type == "cpu" else buf.cpu().numpy()
+            out = host(buf)  # on the CPU a view of buf; else a copy, written back below
             self.aggregator.combine(rows, out)
             if buf.device.type != "cpu":
                 buf.copy_(torch.from_numpy(out))
