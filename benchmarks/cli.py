@@ -12,6 +12,7 @@ Suites (benchmarks/README.md):
   variants    baseline, fl, sl, v1, v2 and sync on the same job, three partitions: accuracy, time, bytes
   attacks     mean, median, trimmed mean, Krum, multi-Krum against attacked clients: accuracy, aggregation time
   noise       test accuracy and input/wire distance correlation against the noise added at the cut
+  clients     10 to 10,000 logical clients: memory, set-up, per-client round cost, aggregation, accuracy
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -33,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import aggregate, attacks, common, memory, model, noise, scaling, throughput, variants, wire
+from benchmarks import aggregate, attacks, clients, common, memory, model, noise, scaling, throughput, variants, wire
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -52,6 +53,7 @@ SUITES = {
     "variants": variants.run,
     "attacks": attacks.run,
     "noise": noise.run,
+    "clients": clients.run,
     "model": model.run,
 }
 

@@ -62,13 +62,22 @@ def _train(cfg, spec: models.Spec) -> dict:
         parts = [(model.encoder, Part.ENCODER), (models.server_part(model, False), Part.BODY)]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                           lr=cfg.train.lr, momentum=cfg.train.momentum)
+    # train.client_optimizer = "reset": the per-client working copies' momentum (the client parts;
+    # v1's server copies too) starts afresh after every averaging; here, the same parameters' buffers.
+    fresh = []
+    if cfg.train.client_optimizer == "reset":
+        halves = models.client_parts(model, cfg.u_shape, cfg.split)
+        if cfg.sfl.variant == "v1":
+            halves.append(models.server_part(model, cfg.u_shape))
+        fresh = [p for part in halves for p in part.parameters()]
     writer = RunWriter(cfg, cfg.train.rounds, "baseline")
     train_seconds, samples = 0.0, 0
     for rnd in range(cfg.train.rounds):
         t0 = time.perf_counter()
         plan = data.RoundPlan.make(shards, cfg.train.batch_size, seed, rnd, cfg.train.clients_per_round)
         loss_sum = 0.0
-        for update in schedule(cfg, plan):
+        updates = schedule(cfg, plan)
+        for k, update in enumerate(updates):
             idx = torch.cat([torch.from_numpy(plan.batches[c][step]) for c, step in update])
             out, y = train.x[idx].to(device), train.y[idx].to(device)
             for part, tag in parts:
@@ -82,6 +91,11 @@ def _train(cfg, spec: models.Spec) -> dict:
             loss.backward()
             opt.step()
             loss_sum += loss.item() * len(y)
+            step = update[-1][1]
+            if fresh and (k + 1 == len(updates) or updates[k + 1][-1][1] != step) \
+                    and plan.averages_after(step, cfg.train.aggregate_every):
+                for p in fresh:
+                    opt.state.pop(p, None)
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         samples += plan.samples

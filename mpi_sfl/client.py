@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from . import data, models
+from . import data, models, slots
 from .aggregation import Aggregator, flatten_params, host
 from .config import Config
 from .control import nonfinite_message
@@ -37,31 +37,25 @@ from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe, polite
 
 @dataclass
 class LogicalClient:
-    """One data owner: its shard, its own copy of the client-side model and its optimizer state."""
-    cid: int
+    """A working copy of the client-side model (slots.py): whichever logical client trains on it
+    until the next averaging, with that client's optimizer state."""
     model: models.Parts             # the client uses encoder (+ head); fl uses all three parts
     flat: torch.Tensor              # the trained parts' parameters, then running buffers (views into it), plus a spare slot
     trainable: list[nn.Parameter]
     opt: torch.optim.Optimizer
+    cid: int = -1                   # the logical client it serves this step
     trained: int = 0                # samples since the last aggregation
     batch: dict = field(default_factory=dict)  # this step's tensors
 
     def state_vector(self) -> torch.Tensor:
         """Weights and running buffers, then momentum buffers (zeros before the first step): what sl hands over."""
-        vec = [self.flat[:-1]]
-        if self.opt.defaults["momentum"]:
-            for p in self.trainable:
-                buf = self.opt.state[p].get("momentum_buffer")
-                vec.append(torch.zeros_like(p).reshape(-1) if buf is None else buf.reshape(-1))
-        return torch.cat(vec)
+        m = slots.momentum(self.opt)
+        return self.flat[:-1].clone() if m is None else torch.cat([self.flat[:-1], m])
 
     def load_state_vector(self, vec: torch.Tensor) -> None:
         n = self.flat.numel() - 1
         self.flat[:-1].copy_(vec[:n])
-        if self.opt.defaults["momentum"]:
-            for p in self.trainable:
-                self.opt.state[p]["momentum_buffer"] = vec[n:n + p.numel()].view_as(p).clone()
-                n += p.numel()
+        slots.set_momentum(self.opt, vec[n:] if self.opt.defaults["momentum"] else None)
 
 
 ATTACK = 7  # the seed part of a gaussian attacker's noise (models.batch_seed; parts are 0-2)
@@ -75,20 +69,18 @@ def attackers(cfg: Config) -> list[int]:
     return sorted(int(c) for c in np.random.default_rng([cfg.run.seed, 5381]).choice(cfg.train.clients, k, replace=False))
 
 
-def make_clients(cfg: Config, spec: models.Spec, ids: list[int], device: torch.device) -> list[LogicalClient]:
-    base = spec.build(cfg.run.seed)
-    out = []
-    for cid in ids:
-        m = copy.deepcopy(base).to(device).train()
-        if cfg.model.freeze_encoder:
-            m.encoder.requires_grad_(False)
-        parts = models.client_parts(m, cfg.u_shape, cfg.split)
-        flat = flatten_params(parts, device)
-        trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(trainable or [torch.zeros(1, requires_grad=True)],
-                              lr=cfg.train.lr, momentum=cfg.train.momentum)
-        out.append(LogicalClient(cid, m, flat, trainable, opt))
-    return out
+def client_copy(cfg: Config, base: models.Parts, device: torch.device) -> LogicalClient:
+    """A working copy of `base`'s client side (the split variants leave the body out of it)."""
+    m = copy.deepcopy(models.Parts(base.encoder, base.body if not cfg.split else nn.Identity(), base.head))
+    m = m.to(device).train()
+    if cfg.model.freeze_encoder:
+        m.encoder.requires_grad_(False)
+    parts = models.client_parts(m, cfg.u_shape, cfg.split)
+    flat = flatten_params(parts, device)
+    trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable or [torch.zeros(1, requires_grad=True)],
+                          lr=cfg.train.lr, momentum=cfg.train.momentum)
+    return LogicalClient(m, flat, trainable, opt)
 
 
 class ClientRank:
@@ -96,20 +88,24 @@ class ClientRank:
         """`train`: the training samples of this rank's logical clients only (data.load(only=...))."""
         cfg = self.cfg = job.cfg
         self.job, self.train_set = job, train
-        self.clients = make_clients(cfg, job.spec, job.layout.clients_of(job.rank), job.device)
-        self.by_id = {c.cid: c for c in self.clients}
+        base = job.spec.build(cfg.run.seed)
+        # This rank's logical clients; a working copy only for those training since the last averaging.
+        self.mine = job.layout.clients_of(job.rank)
+        self.slots = slots.Slots(lambda: client_copy(cfg, base, job.device), cfg.train.client_optimizer == "keep")
+        first = self.slots.new()
+        self.slots.free.append(first)
         self.server = job.layout.server_of(job.rank) if cfg.split else None
-        m = self.clients[0].model  # only parts that draw random numbers are seeded per batch
+        m = first.model  # only parts that draw random numbers are seeded per batch
         self.seeded = {Part.ENCODER: models.uses_rng(m.encoder), Part.BODY: models.uses_rng(m.body),
                        Part.HEAD: models.uses_rng(m.head)}
         self.aggregator = Aggregator(cfg.sfl.aggregation, job.fed_comm if cfg.centralized else job.clients_comm,
                                      job.timers, cfg.sfl.aggregator, cfg.sfl.trim, cfg.sfl.byzantine_f,
                                      cfg.sfl.krum_select)
-        self.buf = torch.zeros_like(self.clients[0].flat)
+        self.buf = torch.zeros_like(first.flat)
         # Simulated attackers (train.attackers) corrupt their update: the change since the last average.
-        self.attackers = set(attackers(cfg)) & set(self.by_id)
+        self.attackers = set(attackers(cfg)) & set(self.mine)
         self.noisy = bool(cfg.sfl.noise_std or cfg.sfl.clip_norm)  # what crosses the cut is clipped / noised
-        self.last_average = self.clients[0].flat[:-1].clone()
+        self.last_average = first.flat[:-1].clone()  # every logical client's weights after an averaging
         self.relay_bytes = 0
         job.transport.patience = 1.5  # a stuck client is named by its split server, which waits less
         self.holder: int | None = None  # sl: the logical client that holds the relayed model
@@ -126,12 +122,12 @@ class ClientRank:
             else:
                 self.relay_round(plan, first)
             if job.client_weights_from(plan) == job.rank:  # the global client part, for the evaluation
-                c = self.by_id[plan.order[-1]] if not self.cfg.averages else self.clients[0]
-                polite_wait(job.comm.Isend(host(c.flat[:-1]), dest=0, tag=WEIGHTS_TAG), who=describe(0))
+                weights = self.slots.held[plan.order[-1]].flat[:-1] if not self.cfg.averages else self.last_average
+                polite_wait(job.comm.Isend(host(weights), dest=0, tag=WEIGHTS_TAG), who=describe(0))
             computes_loss = self.cfg.u_shape or not self.cfg.split
             sent = job.transport.bytes_sent + self.aggregator.bytes_sent + self.relay_bytes
             job.gather_stats(job.stats(CLIENT, self.loss_sum, self.samples if computes_loss else 0.0, sent,
-                                       MPI.Wtime() - self.t0, self.skipped))
+                                       MPI.Wtime() - self.t0, self.skipped, self.slots.made))
             self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0
             if job.checkpoint_due(rnd):
                 job.checkpoint(self.state_dict, (rnd + 1, 0))
@@ -140,10 +136,10 @@ class ClientRank:
     def averaged_round(self, plan: data.RoundPlan, first: int) -> None:
         """sync, v1, v2, fl: every sampled client steps on its batch; FedAvg on the schedule."""
         for step in range(first, plan.steps):
-            active = [self.by_id[c] for c in plan.active(step, list(self.by_id))]
+            active = [self.working(c) for c in plan.active(step, self.mine)]
             if active:
                 (self.split_step if self.cfg.split else self.local_step)(active, plan, step)
-            if self.job.aggregate_due(step, plan.steps):
+            if self.job.aggregate_due(plan, step):
                 self.average(plan.rnd, step)
             self.job.step_done(plan.rnd, step + 1)
 
@@ -153,8 +149,8 @@ class ClientRank:
         for k in range(first, len(plan.sequence)):
             cid, step = plan.sequence[k]
             self.hand_over(self.holder, cid)
-            if cid in self.by_id:
-                self.split_step([self.by_id[cid]], plan, step)
+            if cid in self.slots.held:
+                self.split_step([self.slots.held[cid]], plan, step)
             self.holder = cid
             self.job.step_done(plan.rnd, k + 1)
 
@@ -183,7 +179,7 @@ class ClientRank:
         while inbox:
             _, header = inbox.next()
             payload = t.recv_payload(header, server)
-            c = self.by_id[header.client]
+            c = self.slots.held[header.client]
             with job.timers.phase("client_compute"):
                 if header.kind == GRAD_IN:
                     if header.dropped:
@@ -224,6 +220,10 @@ class ClientRank:
                     self.samples += len(y)
                 self.sgd_step(c, plan.rnd, step)
 
+    def working(self, cid: int) -> LogicalClient:
+        """Logical client `cid`'s working copy (from the last average when it starts training)."""
+        return self.slots.get(cid, self.last_average)
+
     def batch(self, plan: data.RoundPlan, cid: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(self.train_set.rows(plan.batches[cid][step]))  # global ids -> this rank's rows
         return self.train_set.x[rows].to(self.job.device), self.train_set.y[rows].to(self.job.device)
@@ -259,8 +259,7 @@ class ClientRank:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"clients": [{"flat": c.flat.detach().cpu().clone(), "opt": c.opt.state_dict(), "trained": c.trained}
-                            for c in self.clients],
+        return {"slots": self.slots.state_dict(),
                 "holder": -1 if self.holder is None else self.holder,
                 "last_average": self.last_average.detach().cpu().clone(),
                 "round": {"loss_sum": self.loss_sum, "samples": self.samples, "skipped": self.skipped,
@@ -268,12 +267,9 @@ class ClientRank:
                 "bytes": {"aggregated": self.aggregator.bytes_sent, "relayed": self.relay_bytes}}
 
     def load_state_dict(self, state: dict) -> None:
-        for c, saved in zip(self.clients, state["clients"], strict=True):
-            c.flat.copy_(saved["flat"])
-            c.opt.load_state_dict(saved["opt"])
-            c.trained = saved["trained"]
-        self.holder = None if state["holder"] < 0 else state["holder"]
         self.last_average.copy_(state["last_average"])
+        self.slots.load_state_dict(state["slots"], self.last_average)
+        self.holder = None if state["holder"] < 0 else state["holder"]
         r = state["round"]
         self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
         self.aggregator.bytes_sent, self.relay_bytes = state["bytes"]["aggregated"], state["bytes"]["relayed"]
@@ -293,8 +289,9 @@ class ClientRank:
         or, with a robust sfl.aggregator, their vectors combined (clients that trained vote)."""
         buf, cfg = self.buf, self.cfg
         buf.zero_()
+        held = [c for _, c in self.slots.in_order()]  # id order: the same sum every run
         if cfg.robust:
-            trained = [c for c in self.clients if c.trained]
+            trained = [c for c in held if c.trained]
             rows = np.empty((len(trained), buf.numel()), np.float32)
             for row, c in zip(rows, trained):
                 row[:-1] = host(self.contribution(c, rnd, step))
@@ -304,17 +301,14 @@ class ClientRank:
             if buf.device.type != "cpu":
                 buf.copy_(torch.from_numpy(out))
         else:
-            for c in self.clients:
+            for c in held:
                 if c.trained:
                     buf[:-1].add_(self.contribution(c, rnd, step), alpha=float(c.trained))
                     buf[-1] += c.trained
             self.aggregator.average(buf)
-        for c in self.clients:
-            c.trained = 0
-        if buf[-1] > 0:
-            for c in self.clients:
-                c.flat[:-1].copy_(buf[:-1])
+        if buf[-1] > 0:  # else no logical client anywhere trained: the last average stands
             self.last_average.copy_(buf[:-1])
+        self.slots.release()  # every logical client now holds the average: no copy of its own
 
     def contribution(self, c: LogicalClient, rnd: int, step: int) -> torch.Tensor:
         """What logical client `c` sends to the averaging: its vector, or, for a simulated attacker,
@@ -333,19 +327,24 @@ class ClientRank:
 
     def hand_over(self, src: int | None, dst: int) -> None:
         """sl: logical client `dst` takes the model (weights and optimizer state) from `src`."""
-        if src is None or src == dst:
-            return
         rank_of, me = self.job.layout.rank_of, self.job.rank
+        if src is None:  # the run's first logical client starts from the initial model
+            if rank_of(dst) == me:
+                self.working(dst)
+            return
+        if src == dst:
+            return
         src_rank, dst_rank = rank_of(src), rank_of(dst)
         if src_rank == dst_rank == me:
-            self.by_id[dst].load_state_vector(self.by_id[src].state_vector())
+            self.slots.move(src, dst)
         elif src_rank == me:
-            vec = host(self.by_id[src].state_vector())
+            vec = host(self.slots.held[src].state_vector())
             with self.job.timers.phase("p2p_wait"):
                 polite_wait(self.job.comm.Isend(vec, dest=dst_rank, tag=RELAY_TAG), who=describe(dst_rank))
             self.relay_bytes += vec.nbytes
+            self.slots.drop(src)
         elif dst_rank == me:
-            c = self.by_id[dst]
+            c = self.working(dst)
             vec = np.empty(c.state_vector().numel(), np.float32)
             with self.job.timers.phase("p2p_wait"):
                 polite_wait(self.job.comm.Irecv(vec, source=src_rank, tag=RELAY_TAG), who=describe(src_rank))

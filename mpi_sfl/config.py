@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.aggregator": ("mean", "median", "trimmed-mean", "krum"),
     "train.attack": ("sign-flip", "scale", "gaussian"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.client_optimizer": ("keep", "reset"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "bar", "lines", "none"),
     "run.wait": ("auto", "spin", "poll"),
@@ -78,6 +79,7 @@ class Train:
     aggregate_every: int
     clients: int
     clients_per_round: int
+    client_optimizer: str
     on_nonfinite: str
     attackers: int
     attack: str
@@ -315,6 +317,9 @@ def _check_variant(variant: str, servers: int, train: dict) -> None:
     if variant == "sl" and train["clients_per_round"]:
         raise UserError("train.clients_per_round samples clients for the variants that average; "
                         "sfl.variant = 'sl' relays one model through every client: set it to 0")
+    if variant == "sl" and train["client_optimizer"] != "keep":
+        raise UserError("train.client_optimizer = 'reset' is for the variants that average; sfl.variant = 'sl' "
+                        "relays one model with its optimizer state: set it to 'keep'")
     if train["clients"] and train["clients_per_round"] > train["clients"]:
         raise UserError(f"train.clients_per_round = {train['clients_per_round']} exceeds "
                         f"train.clients = {train['clients']}")

@@ -543,6 +543,11 @@ class RoundPlan:
         """sl: the round's batches as (logical client, its step), clients one after another in `order`."""
         return [(c, t) for c in self.order for t in range(len(self.batches[c]))]
 
+    def averages_after(self, step: int, every: int) -> bool:
+        """Whether the averaging variants average after `step`: every `every` steps
+        (train.aggregate_every; 0 = once per round) and always after the round's last."""
+        return step == self.steps - 1 or (every > 0 and (step + 1) % every == 0)
+
     def batch_len(self, client: int, step: int) -> int:
         """Samples logical client `client` trains on in `step` (0 if it has none)."""
         bs = self.batches.get(client)

@@ -51,7 +51,7 @@ class FedServer:
         for rnd, plan, first in job.rounds():
             t0 = MPI.Wtime()
             for step in range(first, job.steps(plan)):
-                if cfg.averages and cfg.centralized and job.aggregate_due(step, plan.steps):
+                if cfg.averages and cfg.centralized and job.aggregate_due(plan, step):
                     if cfg.robust:
                         self.aggregator.combine_at_root(self.client_buf)
                     else:
@@ -83,6 +83,7 @@ class FedServer:
                "batches_skipped": int(stats["skipped"].sum()),
                "bytes_sent": {r: v["bytes_sent"] for r, v in roles.items()},
                "peak_rss_mb": {r: v["peak_rss_mb"] for r, v in roles.items()},
+               "working_copies": {r: v["working_copies"] for r, v in roles.items() if r != "fed_server"},
                "phase_seconds": {r: v["seconds"] for r, v in roles.items()}}
         self.finish_eval()  # the model's weights are about to change
         self.client_flat[:-1].copy_(torch.from_numpy(self.client_buf[:-1]))

@@ -25,6 +25,7 @@ from .transport import Transport, polite_wait
 # One rank's round-end row, gathered at rank 0 (named fields over a float64 buffer).
 STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),
                   ("bytes_sent", np.float64), ("peak_rss", np.float64), ("round_seconds", np.float64),
+                  ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
                   ("phases", np.float64, (len(PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
 RELAY_TAG = 101    # sl: client-side weights and optimizer state to the next logical client's rank
@@ -105,10 +106,9 @@ class Job:
             self.control.fail((*position, -1 if err.startswith("cannot") else 2**31), err)
         return not err
 
-    def aggregate_due(self, step: int, steps: int) -> bool:
+    def aggregate_due(self, plan: RoundPlan, step: int) -> bool:
         """Whether the averaging variants average after `step` (always after a round's last)."""
-        every = self.cfg.train.aggregate_every
-        return step == steps - 1 or (every > 0 and (step + 1) % every == 0)
+        return plan.averages_after(step, self.cfg.train.aggregate_every)
 
     def client_weights_from(self, plan: RoundPlan) -> int | None:
         """The rank that sends the global model's client part to the fed server at a round's end;
@@ -118,11 +118,11 @@ class Job:
         return None if self.cfg.centralized else self.layout.client_ranks[0]
 
     def stats(self, role: int, loss_sum: float, samples: float, bytes_sent: float,
-              round_seconds: float, skipped: int = 0) -> np.ndarray:
+              round_seconds: float, skipped: int = 0, copies: int = 0) -> np.ndarray:
         """This rank's row for the round-end Gather (STATS)."""
         row = np.zeros(1, STATS)
         row["role"], row["loss_sum"], row["samples"], row["bytes_sent"] = role, loss_sum, samples, bytes_sent
-        row["skipped"] = skipped
+        row["skipped"], row["copies"] = skipped, copies
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
         return row

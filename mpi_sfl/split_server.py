@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from . import data, models
+from . import data, models, slots
 from .aggregation import Aggregator, attach_flat_grads, flatten_params, host, param_count
 from .control import nonfinite_message
 from .job import WEIGHTS_TAG, Job
@@ -55,6 +55,7 @@ class ServerPart:
     opt: torch.optim.Optimizer
     nparams: int      # P: flat[:P] are the weights, flat[P:-1] the running buffers
     trained: int = 0  # samples since the last averaging (v1)
+    cid: int = -1     # v1: the logical client this copy serves until the next averaging
 
     @classmethod
     def build(cls, job: Job) -> "ServerPart":
@@ -99,7 +100,8 @@ class SplitServer:
         cfg = self.cfg = job.cfg
         self.job, self.scratch = job, scratch
         self.main = ServerPart.build(job)
-        self.copies: dict[int, ServerPart] = {}  # v1: one per logical client served, made lazily
+        # v1: a copy per logical client served since the last averaging (slots.py), from the last average
+        self.copies = slots.Slots(lambda: ServerPart.build(job), cfg.train.client_optimizer == "keep")
         # sync with running buffers: the step's buffers, and each client's after its forward
         self.step_buffers: torch.Tensor | None = None
         self.client_buffers: dict[int, torch.Tensor] = {}
@@ -123,7 +125,8 @@ class SplitServer:
                 polite_wait(job.comm.Isend(host(self.main.flat[:-1]), dest=0, tag=WEIGHTS_TAG), who=describe(0))
             computes_loss = not self.cfg.u_shape
             job.gather_stats(job.stats(SERVER, self.loss_sum, self.samples if computes_loss else 0,
-                                       job.transport.bytes_sent, MPI.Wtime() - self.t0, self.skipped))
+                                       job.transport.bytes_sent, MPI.Wtime() - self.t0, self.skipped,
+                                       self.copies.made))
             self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0
             if job.checkpoint_due(rnd):
                 job.checkpoint(self.state_dict, (rnd + 1, 0))
@@ -142,7 +145,7 @@ class SplitServer:
                 self.serve_together(plan, step, active)
                 if variant == "sync":
                     self.apply_mean_update()
-                elif self.job.aggregate_due(step, plan.steps):
+                elif self.job.aggregate_due(plan, step):
                     self.average_copies()
             self.check_scratch(plan.rnd, step)
             self.job.step_done(plan.rnd, step + 1)
@@ -165,7 +168,7 @@ class SplitServer:
     def state_dict(self) -> dict:
         def part(p: ServerPart) -> dict:
             return {"flat": p.flat.detach().cpu().clone(), "opt": p.opt.state_dict(), "trained": p.trained}
-        return {"main": part(self.main), "copies": [[c, part(p)] for c, p in sorted(self.copies.items())],
+        return {"main": part(self.main), "copies": self.copies.state_dict(),
                 "round": {"loss_sum": self.loss_sum, "samples": self.samples, "skipped": self.skipped,
                           "elapsed": MPI.Wtime() - self.t0 if self.t0 else 0.0}}
 
@@ -176,8 +179,7 @@ class SplitServer:
             p.trained = saved["trained"]
             return p
         load(self.main, state["main"])
-        for c, saved in state["copies"]:
-            self.copies[int(c)] = load(ServerPart.build(self.job), saved)
+        self.copies.load_state_dict(state["copies"], self.main.flat[:-1])
         r = state["round"]
         self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
 
@@ -196,11 +198,7 @@ class SplitServer:
     def part_of(self, client: int) -> ServerPart:
         if self.cfg.sfl.variant != "v1":
             return self.main
-        part = self.copies.get(client)
-        if part is None:  # from the last average, with an optimizer state of its own
-            part = self.copies[client] = ServerPart.build(self.job)
-            part.flat.copy_(self.main.flat)
-        return part
+        return self.copies.get(client, self.main.flat[:-1])
 
     def learn(self, client: int, grads: list[torch.Tensor], samples: int) -> None:
         if self.cfg.sfl.variant == "sync":  # sample-weighted; applied once per step
@@ -348,37 +346,32 @@ class SplitServer:
                 self.step_buffers = None
 
     def average_copies(self) -> None:
-        """v1: the copies' sample-weighted average (over every split server) becomes every copy;
-        with a robust sfl.aggregator, the copies that trained are combined robustly instead."""
+        """v1: the copies' sample-weighted average (over every split server) is where every next
+        copy starts; with a robust sfl.aggregator, the copies that trained are combined robustly instead."""
         if self.cfg.robust:
             return self.combine_copies()
         acc = torch.zeros_like(self.main.flat)
-        for part in (self.copies[c] for c in sorted(self.copies)):  # a fixed sum order: same bits every run
+        for _, part in self.copies.in_order():  # a fixed sum order: same bits every run
             acc[:-1].add_(part.flat[:-1], alpha=float(part.trained))
             acc[-1] += part.trained
-            part.trained = 0
         self.allreduce(acc)
         if acc[-1] > 0:
             self.main.flat[:-1].copy_(acc[:-1] / acc[-1])
-            for part in self.copies.values():
-                part.flat[:-1].copy_(self.main.flat[:-1])
+        self.copies.release()  # the next copies start from the average
 
     def combine_copies(self) -> None:
         """v1, robust aggregator: every split server's trained copies, gathered (Allgatherv among
-        the split servers) and combined; the result becomes every copy."""
-        trained = [self.copies[c] for c in sorted(self.copies) if self.copies[c].trained]
+        the split servers) and combined; the next copies start from the result."""
+        trained = [part for _, part in self.copies.in_order() if part.trained]
         rows = np.empty((len(trained), self.main.flat.numel()), np.float32)
         for row, part in zip(rows, trained):
             row[:-1], row[-1] = host(part.flat[:-1]), part.trained
-        for part in self.copies.values():
-            part.trained = 0
         out = host(self.main.flat).copy()
         out[-1] = 0
         self.copies_aggregator.combine(rows, out)
         if out[-1] > 0:
-            self.main.flat[:-1].copy_(torch.from_numpy(out[:-1]))
-            for part in self.copies.values():
-                part.flat[:-1].copy_(self.main.flat[:-1])
+            self.main.flat[:-1].copy_(torch.from_numpy(out[:-1]).to(self.main.flat.device))
+        self.copies.release()
 
     def allreduce(self, buf: torch.Tensor) -> None:
         if self.job.layout.servers == 1:

@@ -86,6 +86,17 @@ def test_noise(tmp_path):
     assert Path(doc["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_clients(tmp_path):
+    """Hosting more clients measured beside 10, with the copies bounded by the sampled ones; each
+    aggregator timed with every client voting."""
+    doc = bench("clients", tmp_path / "clients.json")
+    host, tog = doc["results"]["hosting"], doc["results"]["together"]
+    assert [r["clients"] for r in host] == [10, 60] and host[0]["ms_per_hosted_client"] == 0.0
+    assert all(1 <= r["working_copies"] <= 10 and r["setup_s"] > 0 and r["round_s"] > 0 for r in host)
+    assert [r["aggregator"] for r in tog] == ["mean", "median"] and all(r["aggregation_s"] > 0 for r in tog)
+    assert doc["results"]["accuracy"] == [] and doc["summary"]["hosted_clients_max"] == 60
+
+
 def test_scaling_then_model(tmp_path):
     """Scaling writes its plot; the cost model checks itself against that scaling run."""
     scaling = bench("scaling", tmp_path / "scaling.json")

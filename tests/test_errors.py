@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 
 from conftest import TINY, mpirun, sets
@@ -9,6 +10,8 @@ from mpi_sfl import data
 
 
 def run_fails(ranks: int, *args: str, words: str, extra_env: dict | None = None):
+    if not any(a.startswith("run.out_dir=") for a in args):  # not ./runs/default, which a `make run` fills
+        args = (*args, "--set", f'run.out_dir="{tempfile.mkdtemp(prefix="mpi_sfl-errors-")}/out"')
     t0 = time.monotonic()
     proc = mpirun(ranks, "train", *args, timeout=60, extra_env=extra_env)
     assert proc.returncode == 2, proc.stderr[-3000:]

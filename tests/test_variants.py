@@ -1,7 +1,7 @@
 """Each variant's defining property (derivations in docs/design.md §3).
 
 - v1 with per-step averaging is the baseline (large-batch SGD); for ANY averaging schedule, with
-  momentum, v1 is fl with the model cut: each client's part plus its own server copy is a full model
+  momentum (kept across averagings or reset at each), v1 is fl with the model cut: each client's part plus its own server copy is a full model
   trained on that client alone, and both halves are averaged with the same weights.
 - v2 with one client is sequential SGD (the baseline); with several clients and nothing to train on
   the client side, it is single-model SGD over the client batches in its seeded order.
@@ -43,8 +43,9 @@ def test_v1_with_per_step_averaging_is_the_baseline(tmp_path):
 
 @pytest.mark.parametrize("case", [
     ["model.name=\"cnn\"", "sfl.state=\"memory\"", "sfl.aggregation=\"decentralized\""],
-    ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"graph\"", "train.aggregate_every=4"],
-], ids=["cnn-u-memory-decentral-per-round", "mlp-label-graph-central-every4"])
+    ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"graph\"", "train.aggregate_every=4",
+     "train.client_optimizer=\"reset\""],
+], ids=["cnn-u-memory-decentral-per-round", "mlp-label-graph-central-every4-reset"])
 def test_v1_is_fl_with_the_model_cut(tmp_path, case):
     both = ["train.momentum=0.9"] + case
     v1 = train(tmp_path, "v1", 4, both + ["sfl.variant=\"v1\""])
