@@ -25,7 +25,7 @@ from benchmarks import common
 from benchmarks.common import table
 
 LEVELS = {
-    "full": {"hosted": [10, 100, 1000, 10000], "together": [10, 100, 1000, 10000], "rounds": 4,
+    "full": {"hosted": [10, 100, 1000, 10000], "together": [10, 100, 1000, 10000], "rounds": 8,
              "aggregators": ["mean", "median", "trimmed-mean", "krum"], "accuracy": True, "limit": 1200},
     "quick": {"hosted": [10, 100, 1000], "together": [10, 100], "rounds": 3,
               "aggregators": ["mean", "median", "krum"], "accuracy": False, "limit": 300},

@@ -90,7 +90,7 @@ class ClientRank:
         self.job, self.train_set = job, train
         base = job.spec.build(cfg.run.seed)
         # This rank's logical clients; a working copy only for those training since the last averaging.
-        self.mine = job.layout.clients_of(job.rank)
+        self.mine = frozenset(job.layout.clients_of(job.rank))
         self.slots = slots.Slots(lambda: client_copy(cfg, base, job.device), cfg.train.client_optimizer == "keep")
         first = self.slots.new()
         self.slots.free.append(first)

@@ -553,7 +553,7 @@ class RoundPlan:
         bs = self.batches.get(client)
         return len(bs[step]) if bs is not None and step < len(bs) else 0
 
-    def active(self, step: int, among: list[int] | None = None) -> list[int]:
-        """The clients (of `among`, default all) with a batch in `step`, in id order."""
-        ids = self.batches if among is None else among
-        return sorted(c for c in ids if self.batch_len(c, step))
+    def active(self, step: int, among=None) -> list[int]:
+        """The clients (of the container `among`, default all) with a batch in `step`, in id order;
+        the cost is in the round's sampled clients, not in the size of `among`."""
+        return sorted(c for c in self.batches if (among is None or c in among) and self.batch_len(c, step))

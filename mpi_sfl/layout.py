@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -61,13 +60,18 @@ class Layout:
         return FED if rank == 0 else SERVER if rank <= self.servers else CLIENT
 
     def clients_of(self, rank: int) -> list[int]:
-        """Logical client ids hosted by a client rank."""
-        blocks = np.array_split(np.arange(self.clients), len(self.client_ranks))
-        return [int(c) for c in blocks[rank - 1 - self.servers]]
+        """Logical client ids hosted by a client rank: contiguous blocks, the first
+        clients % client ranks of them one longer (numpy's array_split)."""
+        k = rank - 1 - self.servers
+        q, r = divmod(self.clients, len(self.client_ranks))
+        start = k * q + min(k, r)
+        return list(range(start, start + q + (k < r)))
 
     def rank_of(self, client: int) -> int:
-        """The client rank that hosts logical client `client`."""
-        return next(r for r in self.client_ranks if client in self.clients_of(r))
+        """The client rank that hosts logical client `client` (O(1): sl asks once per batch)."""
+        q, r = divmod(self.clients, len(self.client_ranks))
+        k = client // (q + 1) if client < r * (q + 1) else r + (client - r * (q + 1)) // q
+        return self.client_ranks[k]
 
     def describe(self, rank: int) -> str:
         """'rank 3 (client: logical clients 2-3)', for messages that name a peer."""

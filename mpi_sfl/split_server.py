@@ -133,7 +133,7 @@ class SplitServer:
 
     def stepped_round(self, plan: data.RoundPlan, first: int) -> None:
         """sync, v1, v2: step by step over the round's sampled clients of this server."""
-        variant, mine = self.cfg.sfl.variant, sorted(self.rank_of)
+        variant, mine = self.cfg.sfl.variant, self.rank_of  # a dict: membership in O(1)
         for step in range(first, plan.steps):
             active = plan.active(step, mine)
             if variant == "v2":

@@ -118,3 +118,24 @@ def test_a_thousand_clients_build_only_the_copies_that_train(tmp_path):
     assert 1 <= rows[-1]["working_copies"]["client"] <= 6
     assert 1 <= rows[-1]["working_copies"]["split_server"] <= 6
     assert 0.0 <= rows[-1]["test_accuracy"] <= 1.0
+
+
+def test_clients_are_dealt_in_contiguous_blocks_and_found_in_constant_time():
+    """Layout.clients_of / rank_of by arithmetic (sl asks rank_of once per batch) agree with
+    numpy's array_split of the ids over the client ranks, for every layout up to 10 ranks."""
+    import numpy as np
+    from mpi_sfl.layout import Layout
+    checked = 0
+    for world in range(3, 11):
+        for servers in (1, 2, 3):
+            ranks = world - 1 - servers
+            for clients in range(max(ranks, 1), 41):
+                if ranks < servers:
+                    continue
+                layout = Layout(world, servers, clients)
+                blocks = np.array_split(np.arange(clients), ranks)
+                for r, block in zip(layout.client_ranks, blocks):
+                    assert layout.clients_of(r) == block.tolist()
+                    assert all(layout.rank_of(int(c)) == r for c in block)
+                checked += 1
+    assert checked > 300
