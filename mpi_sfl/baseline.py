@@ -26,6 +26,7 @@ from .errors import UserError
 from .layout import pick_device, set_threads
 from .models import Part
 from .outputs import RunWriter, evaluate, space_needed
+from .transport import Wire
 
 
 def run(cfg, start: str = "new") -> dict:
@@ -70,6 +71,7 @@ def _train(cfg, spec: models.Spec) -> dict:
         if cfg.sfl.variant == "v1":
             halves.append(models.server_part(model, cfg.u_shape))
         fresh = [p for part in halves for p in part.parameters()]
+    wire = Wire(cfg.sfl.wire_dtype)
     writer = RunWriter(cfg, cfg.train.rounds, "baseline")
     train_seconds, samples = 0.0, 0
     for rnd in range(cfg.train.rounds):
@@ -80,12 +82,14 @@ def _train(cfg, spec: models.Spec) -> dict:
         for k, update in enumerate(updates):
             idx = torch.cat([torch.from_numpy(plan.batches[c][step]) for c, step in update])
             out, y = train.x[idx].to(device), train.y[idx].to(device)
+            sizes = [plan.batch_len(c, t) for c, t in update]
             for part, tag in parts:
                 out = _forward_part(part, tag, out, update, plan, seed)
                 if tag == Part.ENCODER and cfg.split and (cfg.sfl.noise_std or cfg.sfl.clip_norm):
                     out = torch.cat([models.cut_noise(chunk, cfg.sfl.noise_std, cfg.sfl.clip_norm, seed, plan.rnd, t, c)
-                                     for chunk, (c, t) in zip(torch.split(out, [plan.batch_len(c, t) for c, t in update]),
-                                                              update)])
+                                     for chunk, (c, t) in zip(torch.split(out, sizes), update)])
+                if wire.fmt != "float32" and cfg.split and (tag == Part.ENCODER or (tag == Part.BODY and cfg.u_shape)):
+                    out = WireCut.apply(out, wire, sizes)  # h (and z) cross the wire, their gradients back
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
             loss.backward()
@@ -114,6 +118,24 @@ def schedule(cfg, plan: data.RoundPlan) -> list[list[tuple[int, int]]]:
     if cfg.sfl.variant == "v2":
         return [[(c, t)] for t in range(plan.steps) for c in plan.order if plan.batch_len(c, t)]
     return [[(c, t) for c in plan.active(t)] for t in range(plan.steps)]
+
+
+class WireCut(torch.autograd.Function):
+    """sfl.wire_dtype at a cut: the forward value and the backward gradient each rounded as the
+    wire rounds them (transport.Wire). A client sends the gradient of its own batch's mean loss,
+    which is the baseline's gradient of the chunk times (all samples / the chunk's): it is rounded
+    at that scale and scaled back (exact when the ratio is a power of two)."""
+
+    @staticmethod
+    def forward(ctx, x, wire, sizes):
+        ctx.wire, ctx.sizes = wire, sizes
+        return wire.round(x)  # per value, or per sample (int8): chunking changes nothing
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = float(sum(ctx.sizes))
+        chunks = [ctx.wire.round(g * (total / n)) * (n / total) for g, n in zip(torch.split(grad, ctx.sizes), ctx.sizes)]
+        return torch.cat(chunks), None, None
 
 
 def _forward_part(part: nn.Module, tag: Part, x: torch.Tensor, update: list[tuple[int, int]],

@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.state": ("file", "memory", "graph"),
     "sfl.aggregation": ("centralized", "decentralized"),
     "sfl.aggregator": ("mean", "median", "trimmed-mean", "krum"),
+    "sfl.wire_dtype": ("float32", "float16", "bfloat16", "int8"),
     "train.attack": ("sign-flip", "scale", "gaussian"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.client_optimizer": ("keep", "reset"),
@@ -98,6 +99,7 @@ class Sfl:
     gather_limit_mb: float
     noise_std: float
     clip_norm: float
+    wire_dtype: str
     servers: int
 
 

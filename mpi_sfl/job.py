@@ -48,7 +48,7 @@ class Job:
     control: Control = None      # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        self.transport = Transport(self.comm, self.device, self.timers)
+        self.transport = Transport(self.comm, self.device, self.timers, self.cfg.sfl.wire_dtype)
         self.control = Control(self.comm)
         role = self.layout.role(self.rank)
         self.fed_comm = _split(self.comm, role in (FED, CLIENT))

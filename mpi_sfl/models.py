@@ -201,7 +201,7 @@ def for_config(cfg) -> tuple["Spec", "Summary"]:
     batch: set-up calls this once, on every rank."""
     from . import data
     spec = Spec.from_config(cfg, *data.describe(cfg))
-    return spec, check(spec, cfg.u_shape, cfg.grad_input)
+    return spec, check(spec, cfg.u_shape, cfg.grad_input, cfg.sfl.wire_dtype)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,10 @@ class Summary:
                 f"per sample {size(self.up_bytes)} to the server, {size(self.down_bytes)} back")
 
 
-def check(spec: Spec, u_shape: bool, grad_input: bool) -> Summary:
+WIRE_BYTES = {"float32": (4, 0), "float16": (2, 0), "bfloat16": (2, 0), "int8": (1, 4)}  # per value, per sample
+
+
+def check(spec: Spec, u_shape: bool, grad_input: bool, wire: str = "float32") -> Summary:
     """Build the model and run a dummy batch of 2 through its parts (eval mode, no gradients, on a
     throwaway copy: the caller's RNG is left as it was). A model whose parts do not chain or whose
     output is not (batch, classes) logits is a UserError naming the part and the shapes."""
@@ -252,8 +255,9 @@ def check(spec: Spec, u_shape: bool, grad_input: bool) -> Summary:
     if shapes["head"] != (spec.num_classes,):
         raise UserError(f"model {spec.name!r} outputs shape {list(shapes['head'])} per sample; it must give "
                         f"{spec.num_classes} logits (one per class of the data)")
-    h_bytes = 4 * math.prod(shapes["encoder"])
-    z_bytes = 4 * math.prod(shapes["body"]) if u_shape else 0
+    per_value, per_sample = WIRE_BYTES[wire]  # sfl.wire_dtype (transport.Wire)
+    h_bytes = per_value * math.prod(shapes["encoder"]) + per_sample
+    z_bytes = per_value * math.prod(shapes["body"]) + per_sample if u_shape else 0
     up = h_bytes + (z_bytes if u_shape else 8)              # h, then dl/dz (U) or the label
     down = z_bytes + (h_bytes if grad_input else 0)          # z (U), then dl/dh
     named = (("encoder", model.encoder), ("body", model.body), ("head", model.head))

@@ -2,8 +2,9 @@
 
 - graph:  the autograd graph of z in memory (memory grows with batches in flight);
 - memory: only the input h, recomputing z = f_s(h) when the gradient arrives;
-- file:   like memory, but h goes to node-local scratch under a fresh UUID4 and is read back and
-          deleted on the backward, so the server holds no per-batch tensors in RAM.
+- file:   like memory, but h goes to node-local scratch, into a UUID4-named file per batch in
+          flight (reused by later batches), and is read back on the backward, so the server holds
+          no per-batch tensors in RAM.
 Recompute draws the same dropout masks because every forward of a (round, step, client) batch is
 seeded from those numbers (models.batch_seed); the seed is stored with h. A part with running
 buffers (BatchNorm) has them saved before its forward (a few floats per channel, in RAM in every
@@ -12,10 +13,12 @@ gives the forward's output and updates the running statistics once, not twice.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from torch import nn
 from . import models
 from .errors import UserError
 from .outdir import pid_alive
-from .transport import ACT, HEADER_LEN, Header, as_buffer
+from .transport import ACT, Header, as_buffer
 
 Key = tuple[int, int, int]  # (round, step, logical client)
 FILE_MAGIC = 0x5346_4C31  # "SFL1"
@@ -119,63 +122,98 @@ class MemoryState(GraphState):
         return self._kept.pop(key)
 
 
-class FileState(MemoryState):
-    """Keeps the input in a UUID4-named file in scratch; RAM holds only key -> file name.
+@dataclass
+class Slot:
+    """One scratch file, opened once and reused by one batch in flight after another."""
+    fd: int
+    name: str
 
-    A file is [magic, seed] as int64, the transport's 12-int64 header of h, then h's raw bytes.
+
+class FileState(MemoryState):
+    """Keeps the input in scratch files; RAM holds only key -> (slot, seed, header).
+
+    Each batch in flight has a slot: a UUID4-named file, created (O_EXCL) the first time that many
+    batches are in flight at once and then reused, so the hot path is one pwritev and one preadv at
+    offset 0: no per-batch open, unlink or directory operation. A file holds [magic, seed] as int64
+    and then h's raw bytes; h comes back into a read buffer reused per shape (the recompute is done
+    with it before the next batch is read). Only names this server made become paths.
     """
 
     def __init__(self, grad_input: bool, scratch: Path, device: torch.device):
         super().__init__(grad_input)
         self.scratch, self.device = scratch, device
-        self._names: dict[Key, str] = {}
+        self._names: dict[Key, tuple[Slot, int, Header]] = {}
+        self._free: list[Slot] = []
+        self._slots: list[Slot] = []
+        self._read: dict[tuple, torch.Tensor] = {}
+
+    def _slot(self) -> Slot:
+        if self._free:
+            return self._free.pop()
+        name = uuid.uuid4().hex
+        slot = Slot(os.open(self.scratch / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), name)
+        self._slots.append(slot)
+        return slot
 
     def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
-        name = uuid.uuid4().hex
         t = h.detach().to("cpu").contiguous()
-        header = Header(ACT, *key, t.dtype, tuple(t.shape)).encode()
+        data = memoryview(as_buffer(t)).cast("B")
+        slot = None
         try:
-            with open(self.scratch / name, "wb") as f:
-                f.write(np.array([FILE_MAGIC, seed], dtype=np.int64).tobytes())
-                f.write(header.tobytes())
-                f.write(memoryview(as_buffer(t)).cast("B"))
+            slot = self._slot()
+            written = os.pwritev(slot.fd, [np.array([FILE_MAGIC, seed], dtype=np.int64), data], 0)
+            if written != 16 + data.nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as exc:
             # Disk full or gone: keep this batch in memory so the step completes and every rank can
             # stop together at the next boundary (the split server reports `error`).
-            (self.scratch / name).unlink(missing_ok=True)
+            if slot is not None:
+                self._discard(slot)
             self.error = self.error or (f"cannot write to scratch {self.scratch} ({exc.strerror}); free space "
                                         "there, set run.scratch_dir to a larger disk, or use sfl.state = 'memory'")
             super()._put(key, h, seed)
             return
-        self._names[key] = name
+        self._names[key] = (slot, seed, Header(ACT, *key, t.dtype, tuple(t.shape)))
 
     def _take(self, key: Key) -> tuple[torch.Tensor, int]:
         if key in self._kept:  # kept in memory after a failed write
             return super()._take(key)
-        path = self.scratch / self._names.pop(key)  # only names this server made become paths
-        raw = path.read_bytes()
-        path.unlink()
-        magic, seed = (int(v) for v in np.frombuffer(raw, np.int64, 2))
-        if magic != FILE_MAGIC:
-            raise RuntimeError(f"scratch file {path} is not an mpi_sfl activation file")
-        header = Header.decode(np.frombuffer(raw, np.int64, HEADER_LEN, offset=16))
-        flat = torch.frombuffer(bytearray(raw[16 + 8 * HEADER_LEN:]), dtype=header.dtype)
-        return flat.reshape(header.shape).to(self.device), seed
+        slot, seed, header = self._names.pop(key)
+        buf = self._read.get((header.shape, header.dtype))
+        if buf is None:
+            buf = self._read[(header.shape, header.dtype)] = torch.empty(header.shape, dtype=header.dtype)
+        magic = np.zeros(2, dtype=np.int64)
+        data = memoryview(as_buffer(buf.detach())).cast("B")  # the last recompute set requires_grad
+        got = os.preadv(slot.fd, [magic, data], 0)
+        self._free.append(slot)
+        if got != 16 + data.nbytes or magic[0] != FILE_MAGIC or magic[1] != seed:
+            raise RuntimeError(f"scratch file {self.scratch / slot.name} does not hold the activation written to it")
+        return (buf if self.device.type == "cpu" else buf.to(self.device)), seed
+
+    def _discard(self, slot: Slot) -> None:
+        os.close(slot.fd)
+        (self.scratch / slot.name).unlink(missing_ok=True)
+        self._slots.remove(slot)
 
     def drop(self, key: Key) -> None:
         super().drop(key)
-        name = self._names.pop(key, None)
-        if name is not None:
-            (self.scratch / name).unlink(missing_ok=True)
+        held = self._names.pop(key, None)
+        if held is not None:
+            self._free.append(held[0])
 
     def in_flight(self) -> int:
         return len(self._names) + len(self._kept)
 
+    def files(self) -> int:
+        """Scratch files this state holds (the most batches it had in flight at once)."""
+        return len(self._slots)
+
     def close(self) -> None:
         super().close()
-        for name in self._names.values():
-            (self.scratch / name).unlink(missing_ok=True)
+        for slot in list(self._slots):
+            self._discard(slot)
         self._names.clear()
+        self._free.clear()
 
 
 def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.device):

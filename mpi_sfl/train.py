@@ -68,7 +68,8 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         if comm.rank == 0:  # checked, created and locked before any work; nothing is written on failure
             outdir.prepare(cfg.run.out_dir, start, space_needed(summary))
             held.append(cfg.run.out_dir)
-        return cfg, layout, spec, [summary.line(cfg.model.name, cfg.model.split)] + [gathering] * bool(gathering)
+        wire = f" ({cfg.sfl.wire_dtype} on the wire)" if cfg.split and cfg.sfl.wire_dtype != "float32" else ""
+        return cfg, layout, spec, [summary.line(cfg.model.name, cfg.model.split) + wire] + [gathering] * bool(gathering)
 
     cfg, layout, spec, summary = fail_together(comm, setup)
     set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)), cfg.run.timeout_s)

@@ -25,9 +25,64 @@ from .timing import Timers
 ACT, LABELS, OUT, DELTA, GRAD_IN = 1, 2, 3, 4, 5
 HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], dropped, spare
 MAX_DIMS = 4
-DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8]
+DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 NUMPY_VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bits as int16
+FLOAT_KINDS = (ACT, OUT, DELTA, GRAD_IN)    # what sfl.wire_dtype may narrow (labels never)
+REAP_BYTES = 8 << 20                        # completed sends' buffers a rank may hold before it reaps
+
+
+class Wire:
+    """sfl.wire_dtype: how activations and gradients travel; compute stays float32.
+
+    float32 as is; float16 / bfloat16 rounded to nearest; int8 per row (sample): a float32 scale
+    s = max|row| / 127 and round(x / s) in [-127, 127], packed as [scales (rows x float32), values
+    (int8)] and announced with dtype int8 and the tensor's own shape. `round(x)` is what arrives.
+    """
+
+    def __init__(self, fmt: str = "float32"):
+        self.fmt = fmt
+        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                      "int8": torch.int8}[fmt]
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """The wire form of a float32 tensor (CPU, contiguous)."""
+        if self.fmt == "float32" or t.dtype != torch.float32 or not t.numel():
+            return t
+        if self.fmt != "int8":
+            return t.to(self.dtype)
+        rows = t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1)
+        scale = rows.abs().amax(dim=1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return torch.cat([scale.view(torch.uint8), q.reshape(-1).view(torch.uint8)]).view(torch.int8)
+
+    @staticmethod
+    def payload_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The buffer a payload of `dtype` and tensor `shape` arrives in."""
+        if dtype != torch.int8:
+            return shape
+        rows = shape[0] if shape else 1
+        return (rows * 4 + int(np.prod(shape)),)
+
+    @staticmethod
+    def unpack(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A received payload back in float32 (a new tensor); other dtypes pass through."""
+        if dtype in (torch.float16, torch.bfloat16):
+            return buf.float()
+        if dtype != torch.int8:
+            return buf
+        rows = shape[0] if shape else 1
+        raw = buf.view(torch.uint8)
+        scale = raw[:rows * 4].view(torch.float32)
+        q = raw[rows * 4:].view(torch.int8).reshape(rows, -1)
+        return (q.float() * scale[:, None]).reshape(shape)
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """What a float32 tensor becomes after the trip (the baseline's emulation of the wire)."""
+        if self.fmt == "float32":
+            return x
+        return self.unpack(self.pack(x.detach().contiguous()), self.dtype, tuple(x.shape))
 
 
 class Header(NamedTuple):
@@ -133,14 +188,17 @@ def as_buffer(t: torch.Tensor) -> np.ndarray:
 class Transport:
     """Typed tensor messages between ranks of one communicator, with byte and wait accounting."""
 
-    def __init__(self, comm: MPI.Comm, device: torch.device, timers: Timers | None = None):
+    def __init__(self, comm: MPI.Comm, device: torch.device, timers: Timers | None = None, wire: str = "float32"):
         self.comm = comm
         self.device = device
         self.timers = timers or Timers()
+        self.wire = Wire(wire)
         self.bytes_sent = 0
         self.patience = 1.0  # x run.timeout_s for waits on a peer (clients: 1.5, see polite_wait)
         self._pool: dict[tuple, torch.Tensor] = {}
         self._sending: list[tuple[list[MPI.Request], int, object, object]] = []  # reqs, dest, buffers
+        # reap when this many sends, or this many bytes, are held (amortized O(1) per send)
+        self._reap_at, self._reap_bytes, self._held_bytes = 16, REAP_BYTES, 0
 
     # -- sending -----------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor, dest: int, kind: int, rnd: int, step: int, client: int,
@@ -151,17 +209,25 @@ class Transport:
         if t.device.type != "cpu":
             t = t.to("cpu")  # host staging; the copy synchronizes with the producing stream
         t = t.contiguous()
-        header = Header(kind, rnd, step, client, t.dtype, tuple(t.shape), dropped).encode()
+        shape = tuple(t.shape)
+        if kind in FLOAT_KINDS:
+            t = self.wire.pack(t)
+        header = Header(kind, rnd, step, client, t.dtype, shape, dropped).encode()
         payload = as_buffer(t)
         reqs = [self.comm.Isend(header, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
         self.bytes_sent += header.nbytes + payload.nbytes
         self._sending.append((reqs, dest, header, payload))
+        self._held_bytes += payload.nbytes
 
     def reap(self) -> None:
         """Release the buffers of sends that have completed, so a server's memory does not grow
-        with the batches of a step whose results were already delivered."""
-        if self._sending:
+        with the batches of a step whose results were already delivered: once 16 sends or 8 MiB
+        are held, and then at twice what was still in flight at the last reap (O(1) per send)."""
+        if len(self._sending) >= self._reap_at or self._held_bytes > self._reap_bytes:
             self._sending = [s for s in self._sending if not MPI.Request.Testall(s[0])]
+            self._held_bytes = sum(s[3].nbytes for s in self._sending)
+            self._reap_at = max(16, 2 * len(self._sending))
+            self._reap_bytes = max(REAP_BYTES, 2 * self._held_bytes)
 
     def wait_sends(self) -> None:
         """Complete every outstanding send and release its buffers."""
@@ -172,6 +238,7 @@ class Transport:
                         + " to take this rank's messages", patience=self.patience)
             self.timers.add("p2p_wait", MPI.Wtime() - t0)
             self._sending.clear()
+            self._held_bytes = 0
 
     # -- receiving ---------------------------------------------------------------------------
     def irecv_header(self, source: int, kind: int) -> tuple[MPI.Request, np.ndarray]:
@@ -179,7 +246,8 @@ class Transport:
         return self.comm.Irecv(header, source, tag=2 * kind), header
 
     def recv_payload(self, header: Header, source: int) -> torch.Tensor:
-        """The payload announced by `header`, in a reused buffer of its shape, on this rank's device.
+        """The payload announced by `header`, in a reused buffer of its shape, on this rank's device
+        (with a narrowed sfl.wire_dtype, activations and gradients come back as new float32 tensors).
 
         The tensor stays valid until the next payload of the same kind and shape arrives: copy it
         to keep it longer.
@@ -187,11 +255,13 @@ class Transport:
         key = (header.kind, header.shape, header.dtype)
         buf = self._pool.get(key)
         if buf is None:
-            buf = self._pool[key] = torch.empty(header.shape, dtype=header.dtype)
+            buf = self._pool[key] = torch.empty(Wire.payload_shape(header.dtype, header.shape), dtype=header.dtype)
         t0 = MPI.Wtime()
         polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1), who=lambda: describe(source),
                     patience=self.patience)
         self.timers.add("p2p_wait", MPI.Wtime() - t0)
+        if header.kind in FLOAT_KINDS and self.wire.fmt != "float32":
+            buf = Wire.unpack(buf, header.dtype, header.shape)
         return buf if self.device.type == "cpu" else buf.to(self.device)
 
     def recv(self, source: int, kind: int) -> tuple[Header, torch.Tensor]:

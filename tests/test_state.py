@@ -37,16 +37,34 @@ def test_modes_agree_exactly_with_dropout(tmp_path, grad_input):
         assert torch.equal(z1, m1) and torch.equal(z2, m2)
         assert all(torch.equal(a, b) for a, b in zip(grads, mg))
         assert (gh is None and mgh is None) if not grad_input else torch.equal(gh, mgh)
-    assert os.listdir(scratch) == []  # every activation file was consumed
+        if mode == "file":  # one file per batch that was in flight at once, removed on close
+            assert len(os.listdir(scratch)) == st.files() == 2
+            st.close()
+    assert os.listdir(scratch) == []
 
 
-def test_file_state_keeps_tensors_out_of_ram(tmp_path):
+def test_file_state_keeps_tensors_out_of_ram_and_reuses_its_files(tmp_path):
     scratch = make_scratch(str(tmp_path), "t")
     st = make_state("file", True, scratch, torch.device("cpu"))
-    st.forward((0, 3, 7), models.build("mlp", 0).body, torch.randn(4, 64), seed=1)
+    body = models.build("mlp", 0).body
+    h = torch.randn(4, 64)
+    st.forward((0, 3, 7), body, h, seed=1)
     files = os.listdir(scratch)
     assert len(files) == 1 and len(files[0]) == 32 and int(files[0], 16) >= 0  # a uuid4 hex name
-    assert all(isinstance(v, str) for v in st._names.values())
+    assert not st._kept and all(not isinstance(v, torch.Tensor) for held in st._names.values() for v in held)
+    want = GraphState(True)
+    want.forward((0, 3, 7), body, h, seed=1)
+    grads, gh = st.backward((0, 3, 7), body, torch.ones(4, 64))
+    ref, ref_h = want.backward((0, 3, 7), body, torch.ones(4, 64))
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref)) and torch.equal(gh, ref_h)
+    for step in range(5):  # later batches, one in flight at a time: the same file, rewritten
+        st.forward((0, 4 + step, 7), body, torch.randn(4, 64), seed=step)
+        assert os.listdir(scratch) == files
+        st.backward((0, 4 + step, 7), body, torch.ones(4, 64))
+    st.forward((0, 9, 1), body, torch.randn(2, 64), seed=2)  # another shape, while another is in flight
+    st.forward((0, 9, 2), body, torch.randn(4, 64), seed=3)
+    assert st.in_flight() == 2 and len(os.listdir(scratch)) == 2
+    st.drop((0, 9, 1))
     st.close()
     assert os.listdir(scratch) == []
 
