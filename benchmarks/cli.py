@@ -13,6 +13,8 @@ Suites (benchmarks/README.md):
   attacks     mean, median, trimmed mean, Krum, multi-Krum against attacked clients: accuracy, aggregation time
   noise       test accuracy and input/wire distance correlation against the noise added at the cut
   clients     10 to 10,000 logical clients: memory, set-up, per-client round cost, aggregation, accuracy
+  precision   test accuracy and bytes of each sfl.wire_dtype (float32, float16, bfloat16, int8)
+  step        one step's microseconds per batch, piece by piece (compute, scratch, messages, other)
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -34,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import aggregate, attacks, clients, common, memory, model, noise, scaling, throughput, variants, wire
+from benchmarks import (aggregate, attacks, clients, common, memory, model, noise, precision, scaling, step,
+                        throughput, variants, wire)
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -54,6 +57,8 @@ SUITES = {
     "attacks": attacks.run,
     "noise": noise.run,
     "clients": clients.run,
+    "precision": precision.run,
+    "step": step.run,
     "model": model.run,
 }
 

@@ -97,6 +97,27 @@ def test_clients(tmp_path):
     assert doc["results"]["accuracy"] == [] and doc["summary"]["hosted_clients_max"] == 60
 
 
+def test_precision(tmp_path):
+    """Every wire format trained; the narrowed ones send fewer bytes, int8 the fewest."""
+    doc = bench("precision", tmp_path / "precision.json")
+    rows = {r["wire_dtype"]: r for r in doc["results"]}
+    assert list(rows) == ["float32", "float16", "bfloat16", "int8"] and rows["float32"]["bytes_vs_float32"] == 1.0
+    assert 0.4 < rows["float16"]["bytes_vs_float32"] < 0.6 and 0.4 < rows["bfloat16"]["bytes_vs_float32"] < 0.6
+    assert 0.2 < rows["int8"]["bytes_vs_float32"] < 0.35
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
+
+
+def test_step(tmp_path):
+    """Each piece of the step timed; the step measured in every state mode and the baseline."""
+    doc = bench("step", tmp_path / "step.json")
+    (row,) = doc["results"]
+    assert row["model"] == "mlp" and row["h_bytes"] == row["z_bytes"] == 64 * 64 * 4
+    pieces = [k for k in row if k.endswith("_us") and not k.startswith(("step_", "baseline", "other"))]
+    assert len(pieces) == 10 and all(row[k] > 0 for k in pieces)
+    assert all(row[f"step_{m}_us"] > 0 for m in ("file", "memory", "graph")) and row["baseline_us"] > 0
+    assert row["other_us"] == pytest.approx(row["step_file_us"] - sum(row[k] for k in pieces if k != "memory_state_copy_us"))
+
+
 def test_scaling_then_model(tmp_path):
     """Scaling writes its plot; the cost model checks itself against that scaling run."""
     scaling = bench("scaling", tmp_path / "scaling.json")
