@@ -35,7 +35,7 @@ baseline: setup
 	$(BIN)/mpi-sfl baseline --set run.out_dir=\"runs/baseline\" --overwrite $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Every benchmark suite, quick settings (drop --quick for the real measurement): runs/bench/*.json
 bench: setup

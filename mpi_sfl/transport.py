@@ -128,6 +128,20 @@ def set_wait_mode(mode: str, oversubscribed: bool, timeout_s: float = 0.0) -> No
     global _poll, _timeout
     _poll = mode == "poll" or (mode == "auto" and oversubscribed)
     _timeout = float(timeout_s)
+    if _poll:
+        fine_sleeps()
+
+
+def fine_sleeps(slack_ns: int = 1000) -> bool:
+    """Linux: let this thread's short sleeps end within `slack_ns` of their time instead of the
+    default 50 us timer slack (a 10 us sleep took 70 us here, 20 us with 1 us slack). A polling
+    rank then sees its message about when it comes, and still leaves the core to working ranks.
+    Returns whether the kernel took it."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl(29, slack_ns, 0, 0, 0) == 0  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        return False
 
 
 def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
@@ -135,8 +149,9 @@ def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
                 collective: bool = False, patience: float = 1.0) -> int:
     """Wait for all of `reqs` (or, with any_=True, one: its index); returns that index or -1.
 
-    In poll mode, tests and sleeps 10 us doubling to 200 us: a woken rank sees its message within
-    about 0.2 ms, and a waiting rank uses a few percent of a core instead of all of it. In spin
+    In poll mode, tests and sleeps 10 us doubling to 200 us (with 1 us timer slack, fine_sleeps): a
+    woken rank sees its message within about 0.2 ms, and a waiting rank uses a few percent of a core
+    instead of all of it. In spin
     mode it tests without sleeping (a blocking MPI wait could not be bounded). Past run.timeout_s
     it raises PeerTimeout naming `who` (a string, or a function that makes one), after
     `patience` x run.timeout_s. A collective waits twice as long, and a client waiting on its split
