@@ -1,4 +1,5 @@
-"""A client rank: hosts one or more logical clients, each with its own data shard and weights.
+"""A client rank: hosts one or more logical clients, each with its own data shard and weights
+(a working copy of the client-side model while it trains between two averagings, slots.py).
 
 One step of the split variants (sync, v1, v2: the client does the same in all three, they differ
 on the split server), for this rank's logical clients that have a batch:
