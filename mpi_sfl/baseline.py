@@ -151,7 +151,7 @@ def _forward_part(part: nn.Module, tag: Part, x: torch.Tensor, update: list[tupl
         if start is not None:
             models.restore(bufs, start)
         if rng:
-            torch.manual_seed(models.batch_seed(seed, plan.rnd, step, cid, tag))
+            models.seed_rng(models.batch_seed(seed, plan.rnd, step, cid, tag))
         outs.append(part(chunk))
         if start is not None:
             after.append(models.snapshot(bufs))

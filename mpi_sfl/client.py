@@ -231,7 +231,7 @@ class ClientRank:
 
     def forward(self, part: Part, module: nn.Module, x: torch.Tensor, rnd: int, step: int, cid: int) -> torch.Tensor:
         if self.seeded[part]:
-            torch.manual_seed(models.batch_seed(self.cfg.run.seed, rnd, step, cid, part))
+            models.seed_rng(models.batch_seed(self.cfg.run.seed, rnd, step, cid, part))
         return module(x)
 
     def sgd_step(self, c: LogicalClient, rnd: int, step: int) -> None:

@@ -308,7 +308,7 @@ class SplitServer:
                 h, y = received
                 h.requires_grad_(self.cfg.grad_input)
                 params = [p for p in part.module.parameters()]
-                torch.manual_seed(self.seed(plan, step, client))
+                models.seed_rng(self.seed(plan, step, client))
                 loss = F.cross_entropy(self.forward_from_step_buffers(client, lambda: part.module(h)), y)
                 out = torch.autograd.grad(loss, params + ([h] if self.cfg.grad_input else []))
                 grads, grad_h = list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None)

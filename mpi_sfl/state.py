@@ -57,7 +57,7 @@ class GraphState:
 
     def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
         h = h.clone().requires_grad_(self.grad_input)  # the received buffer is reused
-        torch.manual_seed(seed)
+        models.seed_rng(seed)
         z = body(h)
         self._kept[key] = (h, z)
         return z.detach()
@@ -93,7 +93,7 @@ class MemoryState(GraphState):
         if bufs:
             self._pre[key] = models.snapshot(bufs)
         with torch.no_grad():
-            torch.manual_seed(seed)
+            models.seed_rng(seed)
             z = body(h)
         self._put(key, h, seed)
         return z
@@ -108,7 +108,7 @@ class MemoryState(GraphState):
             after = models.snapshot(bufs)
             models.restore(bufs, pre)
         with torch.enable_grad():
-            torch.manual_seed(seed)
+            models.seed_rng(seed)
             z = body(h)
         grads = self._grads(body, z, h, delta)
         if pre is not None:  # after the backward, which reads the buffers its forward saw
