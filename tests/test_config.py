@@ -108,3 +108,16 @@ def test_npz_config_is_valid_without_the_file():
     """The file is checked at set-up on rank 0 (data.prepare), not by the config."""
     cfg = config.load(overrides=["data.dataset=npz", 'data.path="nowhere/mine.npz"'])
     assert cfg.data.path == "nowhere/mine.npz" and cfg.data.shape == [1, 28, 28]
+
+
+def test_client_optimizer_and_wire_dtype_are_checked():
+    """The many-clients and wire knobs: their choices only, and reset refused where nothing averages."""
+    assert config.load(overrides=['train.client_optimizer="reset"']).train.client_optimizer == "reset"
+    assert config.load(overrides=['sfl.wire_dtype="int8"']).sfl.wire_dtype == "int8"
+    for override, words in (('train.client_optimizer="forget"', "train.client_optimizer"),
+                            ('sfl.wire_dtype="float8"', "sfl.wire_dtype")):
+        with pytest.raises(UserError) as exc:
+            config.load(overrides=[override])
+        assert words in str(exc.value)
+    with pytest.raises(UserError, match="relays one model with its optimizer state"):
+        config.load(overrides=['sfl.variant="sl"', 'train.client_optimizer="reset"'])
