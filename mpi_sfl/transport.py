@@ -244,13 +244,18 @@ class Transport:
             self._reap_at = max(16, 2 * len(self._sending))
             self._reap_bytes = max(REAP_BYTES, 2 * self._held_bytes)
 
+    def owed(self) -> list[int]:
+        """The ranks whose sends from this rank are not complete (for a timeout's message: sends
+        that completed stay listed until the next reap)."""
+        return sorted({d for reqs, d, _, _ in self._sending if not MPI.Request.Testall(reqs)})
+
     def wait_sends(self) -> None:
         """Complete every outstanding send and release its buffers."""
         if self._sending:
             t0 = MPI.Wtime()
             polite_wait([r for reqs, _, _, _ in self._sending for r in reqs],
-                        who=lambda: " and ".join(describe(d) for d in sorted({d for _, d, _, _ in self._sending}))
-                        + " to take this rank's messages", patience=self.patience)
+                        who=lambda: " and ".join(describe(d) for d in self.owed()) + " to take this rank's messages",
+                        patience=self.patience)
             self.timers.add("p2p_wait", MPI.Wtime() - t0)
             self._sending.clear()
             self._held_bytes = 0
