@@ -15,6 +15,7 @@ Suites (benchmarks/README.md):
   clients     10 to 10,000 logical clients: memory, set-up, per-client round cost, aggregation, accuracy
   precision   test accuracy and bytes of each sfl.wire_dtype (float32, float16, bfloat16, int8)
   step        one step's microseconds per batch, piece by piece (compute, scratch, messages, other)
+  batching    sync with the split server batching a step's clients (sfl.batch_clients) or not, vs baseline
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -36,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import (aggregate, attacks, clients, common, memory, model, noise, precision, scaling, step,
-                        throughput, variants, wire)
+from benchmarks import (aggregate, attacks, batching, clients, common, memory, model, noise, precision, scaling,
+                        step, throughput, variants, wire)
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -59,6 +60,7 @@ SUITES = {
     "clients": clients.run,
     "precision": precision.run,
     "step": step.run,
+    "batching": batching.run,
     "model": model.run,
 }
 

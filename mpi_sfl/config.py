@@ -100,6 +100,7 @@ class Sfl:
     noise_std: float
     clip_norm: float
     wire_dtype: str
+    batch_clients: bool
     servers: int
 
 

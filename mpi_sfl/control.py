@@ -111,6 +111,9 @@ class Control:
         return next((f"{s} on rank {r}" for r, s in enumerate(got) if s), "a signal")
 
 
-def nonfinite_message(what: str, rnd: int, step: int, cid: int) -> str:
-    return (f"non-finite {what} in round {rnd + 1}, step {step + 1}, logical client {cid} (training "
+def nonfinite_message(what: str, rnd: int, step: int, cid: int, among: tuple[int, ...] = ()) -> str:
+    """`among`: the other clients whose batches the split server ran as one with cid's (the gradient
+    does not say whose batch made it)."""
+    who = f" or one batched with it ({', '.join(map(str, among))})" if among else ""
+    return (f"non-finite {what} in round {rnd + 1}, step {step + 1}, logical client {cid}{who} (training "
             "diverged: lower train.lr, or set train.on_nonfinite = 'skip' to drop such batches)")

@@ -84,6 +84,7 @@ class FedServer:
                "bytes_sent": {r: v["bytes_sent"] for r, v in roles.items()},
                "peak_rss_mb": {r: v["peak_rss_mb"] for r, v in roles.items()},
                "working_copies": {r: v["working_copies"] for r, v in roles.items() if r != "fed_server"},
+               "server_passes": roles.get("split_server", {}).get("passes", 0),
                "phase_seconds": {r: v["seconds"] for r, v in roles.items()}}
         self.finish_eval()  # the model's weights are about to change
         self.client_flat[:-1].copy_(torch.from_numpy(self.client_buf[:-1]))

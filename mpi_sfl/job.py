@@ -26,6 +26,7 @@ from .transport import Transport, polite_wait
 STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),
                   ("bytes_sent", np.float64), ("peak_rss", np.float64), ("round_seconds", np.float64),
                   ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
+                  ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one a step)
                   ("phases", np.float64, (len(PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
 RELAY_TAG = 101    # sl: client-side weights and optimizer state to the next logical client's rank
@@ -118,11 +119,11 @@ class Job:
         return None if self.cfg.centralized else self.layout.client_ranks[0]
 
     def stats(self, role: int, loss_sum: float, samples: float, bytes_sent: float,
-              round_seconds: float, skipped: int = 0, copies: int = 0) -> np.ndarray:
+              round_seconds: float, skipped: int = 0, copies: int = 0, passes: int = 0) -> np.ndarray:
         """This rank's row for the round-end Gather (STATS)."""
         row = np.zeros(1, STATS)
         row["role"], row["loss_sum"], row["samples"], row["bytes_sent"] = role, loss_sum, samples, bytes_sent
-        row["skipped"], row["copies"] = skipped, copies
+        row["skipped"], row["copies"], row["passes"] = skipped, copies, passes
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
         return row

@@ -44,6 +44,12 @@ def finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
 
 
+def batches_clients(cfg, body: nn.Module) -> bool:
+    """sfl.batch_clients: sync runs a step's batches of this server as one batch, where that is the
+    same function as one batch at a time: f_s draws no random numbers and keeps no running buffers."""
+    return cfg.sfl.batch_clients and cfg.sfl.variant == "sync" and not models.per_batch(body)
+
+
 @dataclass
 class ServerPart:
     """One copy of f_s with its optimizer; its weights (then running buffers) and gradients are
@@ -77,7 +83,9 @@ class ServerPart:
         kept in graph state (models.restore says why that is sound)."""
         self.flat.data[self.nparams:-1].copy_(values)
 
-    def add_grads(self, grads: list[torch.Tensor], weight: int, buffers: torch.Tensor | None = None) -> None:
+    def add_grads(self, grads: list[torch.Tensor], weight: int, buffers: torch.Tensor | None = None,
+                  samples: int | None = None) -> None:
+        """grad += weight x grads (and buffers); the sample count += samples (default: weight)."""
         offset = 0
         for g in grads:
             n = g.numel()
@@ -85,7 +93,7 @@ class ServerPart:
             offset += n
         if buffers is not None:
             self.grad[self.nparams:-1].add_(buffers, alpha=weight)
-        self.grad[-1] += weight
+        self.grad[-1] += weight if samples is None else samples
 
     def step_on(self, grads: list[torch.Tensor], samples: int) -> None:
         """One optimizer step on one batch's (mean-loss) gradient."""
@@ -106,12 +114,14 @@ class SplitServer:
         self.step_buffers: torch.Tensor | None = None
         self.client_buffers: dict[int, torch.Tensor] = {}
         self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device)
+        self.batched = batches_clients(cfg, self.main.module)
         self.rank_of = {c: r for r in job.layout.client_ranks_of(job.rank) for c in job.layout.clients_of(r)}
         s = cfg.sfl  # v1 with a robust aggregator: the copies are combined like the client parts
         self.copies_aggregator = Aggregator("decentralized", job.servers_comm, job.timers, s.aggregator, s.trim,
                                             s.byzantine_f, s.krum_select)
         # This round so far (kept on the object: a checkpoint can fall between two steps).
         self.loss_sum, self.samples, self.skipped, self.elapsed, self.t0 = 0.0, 0, 0, 0.0, 0.0
+        self.passes = 0  # f_s forward passes this round, recomputes not counted
 
     def train(self) -> None:
         job = self.job
@@ -126,8 +136,8 @@ class SplitServer:
             computes_loss = not self.cfg.u_shape
             job.gather_stats(job.stats(SERVER, self.loss_sum, self.samples if computes_loss else 0,
                                        job.transport.bytes_sent, MPI.Wtime() - self.t0, self.skipped,
-                                       self.copies.made))
-            self.loss_sum, self.samples, self.skipped, self.elapsed = 0.0, 0, 0, 0.0
+                                       self.copies.made, self.passes))
+            self.loss_sum, self.samples, self.skipped, self.elapsed, self.passes = 0.0, 0, 0, 0.0, 0
             if job.checkpoint_due(rnd):
                 job.checkpoint(self.state_dict, (rnd + 1, 0))
 
@@ -142,7 +152,10 @@ class SplitServer:
                 self.main.grad.zero_()
                 if variant == "sync" and self.main.buffers.numel():
                     self.step_buffers, self.client_buffers = self.main.buffers.clone(), {}
-                self.serve_together(plan, step, active)
+                if self.batched:
+                    self.serve_batched(plan, step, active)
+                else:
+                    self.serve_together(plan, step, active)
                 if variant == "sync":
                     self.apply_mean_update()
                 elif self.job.aggregate_due(plan, step):
@@ -170,6 +183,7 @@ class SplitServer:
             return {"flat": p.flat.detach().cpu().clone(), "opt": p.opt.state_dict(), "trained": p.trained}
         return {"main": part(self.main), "copies": self.copies.state_dict(),
                 "round": {"loss_sum": self.loss_sum, "samples": self.samples, "skipped": self.skipped,
+                          "passes": self.passes,
                           "elapsed": MPI.Wtime() - self.t0 if self.t0 else 0.0}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,6 +196,7 @@ class SplitServer:
         self.copies.load_state_dict(state["copies"], self.main.flat[:-1])
         r = state["round"]
         self.loss_sum, self.samples, self.skipped, self.elapsed = r["loss_sum"], r["samples"], r["skipped"], r["elapsed"]
+        self.passes = r["passes"]
 
     def settle(self) -> None:
         """Nothing in flight between steps (the fed server's evaluation is)."""
@@ -213,6 +228,7 @@ class SplitServer:
     def forward_from_step_buffers(self, client: int, forward):
         """sync: `forward()` of one client's batch from the step's running buffers, keeping the
         buffers it leaves for the step's average (learn). Other variants: just `forward()`."""
+        self.passes += 1
         if self.step_buffers is None:
             return forward()
         self.main.set_buffers(self.step_buffers)
@@ -244,6 +260,96 @@ class SplitServer:
                 self.backward(plan, step, c, waiting.pop(c))
         t.wait_sends()
 
+    def serve_batched(self, plan: data.RoundPlan, step: int, active: list[int]) -> None:
+        """sync, sfl.batch_clients: once every batch of the step is in, forward them as one batch (in
+        the step's client order, whatever the arrival order: same bits every run) and send each
+        client its rows of z; once every delta is in, one backward. The sum of the clients'
+        sample-weighted gradients is the gradient for the deltas each scaled by its client's sample
+        count; a client's dl/dh is its rows, divided by that count. Label-sharing: one forward and
+        one backward of the sum of every sample's loss. A non-finite gradient cannot be told apart
+        by client: it stops the run, or (on_nonfinite = "skip") drops the step's batches."""
+        t, job, u_shape = self.job.transport, self.job, self.cfg.u_shape
+        kinds = (ACT, DELTA) if u_shape else (ACT,)
+        inbox = Inbox(t, {(src, kind): n for src, n in self.counts(active).items() for kind in kinds})
+        got: dict[int, object] = {}
+
+        def receive_all() -> list:
+            while len(got) < len(active):
+                src, header = inbox.next()
+                got[header.client] = self.receive_rest(header, src)
+            return [got.pop(c) for c in active]
+
+        key, body = (plan.rnd, step, -1), self.main.module
+        if u_shape:
+            h = receive_all()
+            sizes = [len(x) for x in h]
+            with job.timers.phase("server_compute"):
+                z = self.state.forward(key, body, torch.cat(h), self.seed(plan, step, active[0]))
+            self.passes += 1
+            del h
+            for c, rows in zip(active, z.split(sizes)):
+                t.isend(rows, self.rank_of[c], OUT, plan.rnd, step, c)
+            deltas = receive_all()
+            kept = [i for i, d in enumerate(deltas) if d is not DROPPED]
+            with job.timers.phase("server_compute"):
+                if kept:
+                    rows = None if len(kept) == len(active) else self.rows_of(sizes, kept)
+                    grads, grad_h = self.state.backward(key, body, torch.cat([deltas[i] * sizes[i] for i in kept]), rows)
+                else:
+                    self.state.drop(key)
+        else:
+            received = receive_all()
+            sizes = [len(hy[0]) for hy in received]
+            with job.timers.phase("server_compute"):
+                grads, grad_h, kept, loss_sum = self.shared_labels_backward(plan, step, active, sizes, received)
+        if kept and not finite(grads) and self.nonfinite(plan, step, active[kept[0]], "gradient",
+                                                         tuple(active[i] for i in kept[1:])):
+            kept = []
+        if kept:
+            self.main.add_grads(grads, 1, samples=sum(sizes[i] for i in kept))
+            self.samples += sum(sizes[i] for i in kept)
+            self.loss_sum += 0.0 if u_shape else loss_sum
+        if self.cfg.grad_input:  # dl/dh back, or the drop (the client counts it)
+            back = dict(zip(kept, grad_h.split([sizes[i] for i in kept]))) if kept else {}
+            for i, c in enumerate(active):
+                t.isend(back[i] / sizes[i] if i in back else torch.zeros(0), self.rank_of[c], GRAD_IN,
+                        plan.rnd, step, c, dropped=i not in back)
+        else:
+            self.skipped += len(active) - len(kept)
+        t.wait_sends()
+
+    @staticmethod
+    def rows_of(sizes: list[int], kept: list[int]) -> torch.Tensor:
+        """The sample indices of the batches `kept` in a concatenation of batches of `sizes`."""
+        starts = np.cumsum([0] + sizes)
+        return torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in kept]))
+
+    def shared_labels_backward(self, plan: data.RoundPlan, step: int, active: list[int], sizes: list[int],
+                               received: list) -> tuple[list[torch.Tensor], torch.Tensor | None, list[int], float]:
+        """Label-sharing, batched: the gradients of every kept sample's loss, summed. A client whose
+        loss is not finite stops the run, or is dropped and the rest run again without its rows (a
+        NaN row would make every weight's gradient NaN). Returns grads, dl/dh (kept rows), kept and
+        the kept samples' loss sum."""
+        h_all, y_all = torch.cat([hy[0] for hy in received]), torch.cat([hy[1] for hy in received])
+        h, y = h_all, y_all
+        params = list(self.main.module.parameters())
+        kept = list(range(len(active)))
+        while True:
+            h.requires_grad_(self.cfg.grad_input)
+            losses = F.cross_entropy(self.main.module(h), y, reduction="none")
+            self.passes += 1
+            sums = torch.stack([s.sum() for s in losses.split([sizes[i] for i in kept])])
+            bad = [i for i, ok in zip(kept, torch.isfinite(sums).tolist()) if not ok]
+            if not bad or not all([self.nonfinite(plan, step, active[i], "loss") for i in bad]):
+                break
+            kept = [i for i in kept if i not in bad]
+            if not kept:
+                return [], None, [], 0.0
+            rows = self.rows_of(sizes, kept)
+            h, y = h_all.detach()[rows], y_all[rows]
+        out = torch.autograd.grad(sums.sum(), params + ([h] if self.cfg.grad_input else []))
+        return list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None), kept, float(sums.sum())
+
     def serve_in_order(self, plan: data.RoundPlan, step: int, clients: list[int]) -> None:
         """v2, sl: one client after another in the given order; each forward sees the update of
         the one before. Activations that arrive before their turn wait in memory."""
@@ -265,6 +371,7 @@ class SplitServer:
                 h = take(ACT, c)
                 with self.job.timers.phase("server_compute"):
                     z = self.state.forward(key, self.main.module, h, self.seed(plan, step, c))
+                self.passes += 1
                 t.isend(z, self.rank_of[c], OUT, plan.rnd, step, c)
                 self.backward(plan, step, c, take(DELTA, c))
             else:
@@ -324,11 +431,11 @@ class SplitServer:
             self.job.transport.isend(torch.zeros(0) if dropped else grad_h, self.rank_of[client], GRAD_IN,
                                      plan.rnd, step, client, dropped=dropped)
 
-    def nonfinite(self, plan: data.RoundPlan, step: int, client: int, what: str) -> bool:
+    def nonfinite(self, plan: data.RoundPlan, step: int, client: int, what: str, among: tuple[int, ...] = ()) -> bool:
         """True if the batch is to be dropped (train.on_nonfinite = "skip"); else the run stops."""
         if self.cfg.train.on_nonfinite == "skip":
             return True
-        self.job.control.fail((plan.rnd, step, client), nonfinite_message(what, plan.rnd, step, client))
+        self.job.control.fail((plan.rnd, step, client), nonfinite_message(what, plan.rnd, step, client, among))
         return False
 
     # -- updates across split servers -----------------------------------------------------------

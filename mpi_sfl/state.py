@@ -62,9 +62,16 @@ class GraphState:
         self._kept[key] = (h, z)
         return z.detach()
 
-    def backward(self, key: Key, body: nn.Module, delta: torch.Tensor
+    def backward(self, key: Key, body: nn.Module, delta: torch.Tensor, rows: torch.Tensor | None = None
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The parameters' gradients and dl/dh for delta = dl/dz. `rows`: backpropagate only these
+        samples of h (a batch of several clients' batches, some dropped; the part is then one that
+        treats each sample alone, models.per_batch, so recomputing them is exact)."""
         h, z = self._kept.pop(key)
+        if rows is not None:
+            h = h.detach()[rows].requires_grad_(self.grad_input)
+            with torch.enable_grad():
+                z = body(h)
         return self._grads(body, z, h, delta)
 
     def _grads(self, body, z, h, delta):
@@ -98,10 +105,10 @@ class MemoryState(GraphState):
         self._put(key, h, seed)
         return z
 
-    def backward(self, key: Key, body: nn.Module, delta: torch.Tensor
+    def backward(self, key: Key, body: nn.Module, delta: torch.Tensor, rows: torch.Tensor | None = None
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         h, seed = self._take(key)
-        h.requires_grad_(self.grad_input)
+        h = (h if rows is None else h[rows]).requires_grad_(self.grad_input)
         pre = self._pre.pop(key, None)
         if pre is not None:  # recompute under the buffers the forward saw, then put back what it left
             bufs = self.buffers(body)

@@ -1,6 +1,6 @@
 """Run under mpiexec -n 4 python -m mpi4py: logical client 0's batch in round 2, step 3 is NaN.
 
-Usage: mpi_nan_check.py OUT_DIR stop|skip   (train.on_nonfinite)
+Usage: mpi_nan_check.py OUT_DIR stop|skip [SETTING ...]   (train.on_nonfinite, then more config settings)
 """
 import sys
 
@@ -22,4 +22,4 @@ client.ClientRank.batch = poisoned_batch
 out, mode = sys.argv[1], sys.argv[2]
 train.main(None, ['data.dataset="synthetic"', "data.train_samples=960", "data.test_samples=100",
                   "train.rounds=3", "train.batch_size=16", "train.clients=3", 'run.progress="none"',
-                  "run.threads=1", f'train.on_nonfinite="{mode}"', f'run.out_dir="{out}"'])
+                  "run.threads=1", f'train.on_nonfinite="{mode}"', f'run.out_dir="{out}"'] + sys.argv[3:])

@@ -118,6 +118,16 @@ def test_step(tmp_path):
     assert row["other_us"] == pytest.approx(row["step_file_us"] - sum(row[k] for k in pieces if k != "memory_state_copy_us"))
 
 
+def test_batching(tmp_path):
+    """Batched and unbatched sync both ran against the baseline; batched made one pass a step."""
+    doc = bench("batching", tmp_path / "batching.json")
+    rows = {r["run"]: r for r in doc["results"]}
+    assert list(rows) == ["batched", "unbatched", "baseline"] and all(r["samples_per_s"] > 0 for r in rows.values())
+    steps = 256 // 2 // 64  # 2 clients of 128 samples, batch 64
+    assert rows["batched"]["server_passes_per_round"] == steps and rows["unbatched"]["server_passes_per_round"] == 2 * steps
+    assert all(math.isfinite(v) and v > 0 for v in doc["summary"].values())
+
+
 def test_scaling_then_model(tmp_path):
     """Scaling writes its plot; the cost model checks itself against that scaling run."""
     scaling = bench("scaling", tmp_path / "scaling.json")

@@ -182,12 +182,19 @@ def test_divergence_stops_with_a_message_and_keeps_strict_json(tmp_path):
         assert all(torch.isfinite(v).all() for v in load_model(out).values())
 
 
+NAN_MODELS = {"cnn": [],  # the default: one batch at a time on the split server (dropout)
+              # batched on the split server (sfl.batch_clients): the NaN batch's rows are left out
+              "mlp-u-batched": ['model.name="mlp"'],
+              "mlp-label-sharing-batched": ['model.name="mlp"', 'model.split="label-sharing"']}
+
+
+@pytest.mark.parametrize("model", list(NAN_MODELS))
 @pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_a_nan_batch_mid_run(tmp_path, mode):
+def test_a_nan_batch_mid_run(tmp_path, mode, model):
     """A NaN injected into one logical client's batch in round 2: `stop` ends the run naming that
     batch and keeps round 1's model; `skip` drops exactly that batch, counts it, and finishes."""
     out = tmp_path / "run"
-    proc = mpiscript(4, Path(__file__).with_name("mpi_nan_check.py"), str(out), mode, timeout=90)
+    proc = mpiscript(4, Path(__file__).with_name("mpi_nan_check.py"), str(out), mode, *NAN_MODELS[model], timeout=90)
     rows = strict_rows(out)
     if mode == "stop":
         assert proc.returncode == 4, proc.stderr[-3000:]
