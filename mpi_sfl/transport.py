@@ -1,9 +1,12 @@
-"""Point-to-point tensor transport: a fixed int64 header, then the raw payload.
+"""Point-to-point tensor transport: a fixed int64 header, and the raw payload.
 
-Both messages are uppercase (buffer) MPI calls on contiguous host memory: nothing is pickled.
-The header says what follows (kind, round, step, logical client, dtype, shape), so the receiver can
-take whichever peer is ready and reuse a preallocated buffer of the right shape. Device tensors are
-staged through host memory because the PyPI MPI wheels are not CUDA-aware.
+Every message is an uppercase (buffer) MPI call on contiguous host memory: nothing is pickled.
+The header says what the payload is (kind, round, step, logical client, dtype, shape), so the
+receiver can take whichever peer is ready. A payload of up to INLINE_BYTES travels in the header's
+own message (one message, one latency: the receiver posts header receives of that size and gets the
+payload as a view of the buffer it arrived in); a larger one follows its header as a second message,
+received into a reused buffer of its shape. Device tensors are staged through host memory because
+the PyPI MPI wheels are not CUDA-aware.
 
 Waits for a peer (a header, a send to complete) block in MPI when every rank has a core of its own,
 and otherwise poll with a short sleep: MPICH and Open MPI spin a full core in a blocking call, and
@@ -12,6 +15,7 @@ A payload is received with a plain blocking Recv: it is already on its way behin
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -23,11 +27,15 @@ from .timing import Timers
 
 # Message kinds. The header travels on tag 2*kind, its payload on 2*kind + 1.
 ACT, LABELS, OUT, DELTA, GRAD_IN = 1, 2, 3, 4, 5
-HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], dropped, spare
+HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], dropped, inline
+HEADER_BYTES = HEADER_LEN * 8
+INLINE_BYTES = 64 << 10  # payloads up to this size travel inside their header's message
 MAX_DIMS = 4
 DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 NUMPY_VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bits as int16
+NUMPY_DTYPE = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16,
+               torch.float64: np.float64, torch.uint8: np.uint8, torch.int8: np.int8}  # the rest: torch views
 FLOAT_KINDS = (ACT, OUT, DELTA, GRAD_IN)    # what sfl.wire_dtype may narrow (labels never)
 REAP_BYTES = 8 << 20                        # completed sends' buffers a rank may hold before it reaps
 
@@ -94,20 +102,29 @@ class Header(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
     dropped: bool = False  # train.on_nonfinite = "skip": this batch was dropped (payload is zeros)
+    inline: np.ndarray | None = None  # received: the payload's bytes, when they came in this message
 
-    def encode(self) -> np.ndarray:
-        if len(self.shape) > MAX_DIMS:
+    def fields(self, inline: bool = False) -> list[int]:
+        """The 12 int64 values of the wire form (a list: one numpy call writes them)."""
+        ndim = len(self.shape)
+        if ndim > MAX_DIMS:
             raise ValueError(f"transport carries at most {MAX_DIMS} dims, got {self.shape}")
-        raw = np.zeros(HEADER_LEN, dtype=np.int64)
-        raw[:6] = (self.kind, self.rnd, self.step, self.client, DTYPE_CODE[self.dtype], len(self.shape))
-        raw[6:6 + len(self.shape)] = self.shape
-        raw[10] = int(self.dropped)
-        return raw
+        return [self.kind, self.rnd, self.step, self.client, DTYPE_CODE[self.dtype], ndim, *self.shape,
+                *(0,) * (MAX_DIMS - ndim), int(self.dropped), int(inline)]
+
+    def encode(self, inline: bool = False) -> np.ndarray:
+        return np.array(self.fields(inline), dtype=np.int64)
 
     @classmethod
-    def decode(cls, raw: np.ndarray) -> "Header":
-        kind, rnd, step, client, dtype, ndim = (int(v) for v in raw[:6])
-        return cls(kind, rnd, step, client, DTYPES[dtype], tuple(int(d) for d in raw[6:6 + ndim]), bool(raw[10]))
+    def decode(cls, msg: np.ndarray) -> "Header":
+        """From a received message (uint8): the header, then the payload's bytes if inline."""
+        kind, rnd, step, client, code, ndim, *dims = msg[:HEADER_BYTES].view(np.int64).tolist()
+        dtype, shape = DTYPES[code], tuple(dims[:ndim])
+        inline = None
+        if dims[-1]:
+            nbytes = math.prod(Wire.payload_shape(dtype, shape)) * dtype.itemsize
+            inline = msg[HEADER_BYTES:HEADER_BYTES + nbytes]
+        return cls(kind, rnd, step, client, dtype, shape, bool(dims[-2]), inline)
 
 
 _poll = True      # set by set_wait_mode at start-up
@@ -211,7 +228,7 @@ class Transport:
         self.bytes_sent = 0
         self.patience = 1.0  # x run.timeout_s for waits on a peer (clients: 1.5, see polite_wait)
         self._pool: dict[tuple, torch.Tensor] = {}
-        self._sending: list[tuple[list[MPI.Request], int, object, object]] = []  # reqs, dest, buffers
+        self._sending: list[tuple[list[MPI.Request], int, object, int]] = []  # reqs, dest, buffers, payload bytes
         # reap when this many sends, or this many bytes, are held (amortized O(1) per send)
         self._reap_at, self._reap_bytes, self._held_bytes = 16, REAP_BYTES, 0
 
@@ -227,11 +244,19 @@ class Transport:
         shape = tuple(t.shape)
         if kind in FLOAT_KINDS:
             t = self.wire.pack(t)
-        header = Header(kind, rnd, step, client, t.dtype, shape, dropped).encode()
+        header = Header(kind, rnd, step, client, t.dtype, shape, dropped)
         payload = as_buffer(t)
-        reqs = [self.comm.Isend(header, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
-        self.bytes_sent += header.nbytes + payload.nbytes
-        self._sending.append((reqs, dest, header, payload))
+        if payload.nbytes <= INLINE_BYTES:  # one message: header and payload (a copy of <= 64 KiB)
+            msg = np.empty(HEADER_BYTES + payload.nbytes, dtype=np.uint8)
+            msg[:HEADER_BYTES].view(np.int64)[:] = header.fields(inline=True)
+            msg[HEADER_BYTES:] = payload.reshape(-1).view(np.uint8)
+            reqs, held = [self.comm.Isend(msg, dest, tag=2 * kind)], msg
+        else:
+            raw = header.encode()
+            reqs = [self.comm.Isend(raw, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
+            held = (raw, payload)
+        self.bytes_sent += HEADER_BYTES + payload.nbytes
+        self._sending.append((reqs, dest, held, payload.nbytes))
         self._held_bytes += payload.nbytes
 
     def reap(self) -> None:
@@ -240,7 +265,7 @@ class Transport:
         are held, and then at twice what was still in flight at the last reap (O(1) per send)."""
         if len(self._sending) >= self._reap_at or self._held_bytes > self._reap_bytes:
             self._sending = [s for s in self._sending if not MPI.Request.Testall(s[0])]
-            self._held_bytes = sum(s[3].nbytes for s in self._sending)
+            self._held_bytes = sum(s[3] for s in self._sending)
             self._reap_at = max(16, 2 * len(self._sending))
             self._reap_bytes = max(REAP_BYTES, 2 * self._held_bytes)
 
@@ -262,8 +287,10 @@ class Transport:
 
     # -- receiving ---------------------------------------------------------------------------
     def irecv_header(self, source: int, kind: int) -> tuple[MPI.Request, np.ndarray]:
-        header = np.empty(HEADER_LEN, dtype=np.int64)
-        return self.comm.Irecv(header, source, tag=2 * kind), header
+        """A receive of the next header of `kind` from `source`, with room for an inline payload
+        (a fresh buffer: an inline payload is handed out as a view of it)."""
+        msg = np.empty(HEADER_BYTES + INLINE_BYTES, dtype=np.uint8)
+        return self.comm.Irecv(msg, source, tag=2 * kind), msg
 
     def recv_payload(self, header: Header, source: int) -> torch.Tensor:
         """The payload announced by `header`, in a reused buffer of its shape, on this rank's device
@@ -272,14 +299,20 @@ class Transport:
         The tensor stays valid until the next payload of the same kind and shape arrives: copy it
         to keep it longer.
         """
-        key = (header.kind, header.shape, header.dtype)
-        buf = self._pool.get(key)
-        if buf is None:
-            buf = self._pool[key] = torch.empty(Wire.payload_shape(header.dtype, header.shape), dtype=header.dtype)
-        t0 = MPI.Wtime()
-        polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1), who=lambda: describe(source),
-                    patience=self.patience)
-        self.timers.add("p2p_wait", MPI.Wtime() - t0)
+        shape = Wire.payload_shape(header.dtype, header.shape)
+        if header.inline is not None:  # it came with the header: a view of that message's buffer
+            np_dtype = NUMPY_DTYPE.get(header.dtype)
+            buf = (torch.from_numpy(header.inline.view(np_dtype).reshape(shape)) if np_dtype is not None
+                   else torch.from_numpy(header.inline).view(header.dtype).reshape(shape))
+        else:
+            key = (header.kind, header.shape, header.dtype)
+            buf = self._pool.get(key)
+            if buf is None:
+                buf = self._pool[key] = torch.empty(shape, dtype=header.dtype)
+            t0 = MPI.Wtime()
+            polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1),
+                        who=lambda: describe(source), patience=self.patience)
+            self.timers.add("p2p_wait", MPI.Wtime() - t0)
         if header.kind in FLOAT_KINDS and self.wire.fmt != "float32":
             buf = Wire.unpack(buf, header.dtype, header.shape)
         return buf if self.device.type == "cpu" else buf.to(self.device)
@@ -287,10 +320,9 @@ class Transport:
     def recv(self, source: int, kind: int) -> tuple[Header, torch.Tensor]:
         """Header and payload of the next `kind` message from `source` (MPI.ANY_SOURCE allowed)."""
         status = MPI.Status()
-        raw = np.empty(HEADER_LEN, dtype=np.int64)
-        req = self.comm.Irecv(raw, source, tag=2 * kind)
+        req, msg = self.irecv_header(source, kind)
         self.wait(req, status, who=lambda: describe(source))
-        header = Header.decode(raw)
+        header = Header.decode(msg)
         return header, self.recv_payload(header, status.Get_source())
 
     def wait(self, req: MPI.Request, status: MPI.Status | None = None, who="a peer") -> None:

@@ -8,7 +8,7 @@ from conftest import mpiscript, ok
 
 def test_round_trip_dtypes_shapes_and_transposed_views():
     proc = ok(mpiscript(2, Path(__file__).with_name("mpi_transport_check.py")))
-    assert "OK 6" in proc.stdout
+    assert "OK 10" in proc.stdout
 
 
 def test_polling_ranks_sleep_with_fine_timer_slack():
