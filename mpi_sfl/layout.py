@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -100,10 +101,13 @@ def check_launch(world: int) -> None:
                         "the site MPI); set MPI_SFL_SKIP_SLURM_CHECK=1 if this is intended")
 
 
-def local_rank(comm: MPI.Comm) -> tuple[int, int]:
-    """(rank among the ranks on this node, ranks on this node)."""
+def local_rank(comm: MPI.Comm) -> tuple[int, int, int]:
+    """(rank among the ranks on this node, ranks on this node, of them training ranks: all but the
+    fed server, rank 0, which waits off the per-batch path)."""
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    out = node.rank, node.size
+    fed_here = np.zeros(1, np.int32)
+    node.Allreduce(np.array([int(comm.rank == 0)], np.int32), fed_here, op=MPI.MAX)
+    out = node.rank, node.size, node.size - int(fed_here[0])
     node.Free()
     return out
 

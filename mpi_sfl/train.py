@@ -52,7 +52,7 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
 
 
 def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str, held: list[str]) -> None:
-    local, local_size = local_rank(comm)
+    local, local_size, training_here = local_rank(comm)
 
     def setup():
         check_launch(comm.size)
@@ -72,7 +72,7 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         return cfg, layout, spec, [summary.line(cfg.model.name, cfg.model.split) + wire] + [gathering] * bool(gathering)
 
     cfg, layout, spec, summary = fail_together(comm, setup)
-    set_wait_mode(cfg.run.wait, local_size > len(os.sched_getaffinity(0)), cfg.run.timeout_s)
+    set_wait_mode(cfg.run.wait, training_here > len(os.sched_getaffinity(0)), cfg.run.timeout_s, idle=comm.rank == 0)
     set_describer(layout.describe)
     role = layout.role(comm.rank)
     # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache, and

@@ -139,11 +139,12 @@ class PeerTimeout(Exception):
         self.collective = collective  # a collective cannot tell which rank is missing
 
 
-def set_wait_mode(mode: str, oversubscribed: bool, timeout_s: float = 0.0) -> None:
+def set_wait_mode(mode: str, oversubscribed: bool, timeout_s: float = 0.0, idle: bool = False) -> None:
     """run.wait: "spin" waits without sleeping (lowest latency), "poll" sleeps between tests,
-    "auto" polls only when this node has more ranks than cores. run.timeout_s bounds every wait."""
+    "auto" polls on a rank that is `idle` (the fed server: off the per-batch path) and where this
+    node's training ranks outnumber its cores (`oversubscribed`). run.timeout_s bounds every wait."""
     global _poll, _timeout
-    _poll = mode == "poll" or (mode == "auto" and oversubscribed)
+    _poll = mode == "poll" or (mode == "auto" and (oversubscribed or idle))
     _timeout = float(timeout_s)
     if _poll:
         fine_sleeps()
