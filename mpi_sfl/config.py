@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.aggregation": ("centralized", "decentralized"),
     "sfl.aggregator": ("mean", "median", "trimmed-mean", "krum"),
     "sfl.wire_dtype": ("float32", "float16", "bfloat16", "int8"),
+    "sfl.batch_clients": ("rank", "step", "off"),
     "train.attack": ("sign-flip", "scale", "gaussian"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.client_optimizer": ("keep", "reset"),
@@ -100,7 +101,7 @@ class Sfl:
     noise_std: float
     clip_norm: float
     wire_dtype: str
-    batch_clients: bool
+    batch_clients: str
     servers: int
 
 

@@ -26,7 +26,7 @@ from .transport import Transport, polite_wait
 STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),
                   ("bytes_sent", np.float64), ("peak_rss", np.float64), ("round_seconds", np.float64),
                   ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
-                  ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one a step)
+                  ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one per group)
                   ("phases", np.float64, (len(PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
 RELAY_TAG = 101    # sl: client-side weights and optimizer state to the next logical client's rank

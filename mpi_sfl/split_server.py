@@ -45,9 +45,9 @@ def finite(tensors: list[torch.Tensor]) -> bool:
 
 
 def batches_clients(cfg, body: nn.Module) -> bool:
-    """sfl.batch_clients: sync runs a step's batches of this server as one batch, where that is the
+    """sfl.batch_clients: sync runs groups of a step's client batches as one batch, where that is the
     same function as one batch at a time: f_s draws no random numbers and keeps no running buffers."""
-    return cfg.sfl.batch_clients and cfg.sfl.variant == "sync" and not models.per_batch(body)
+    return cfg.sfl.batch_clients != "off" and cfg.sfl.variant == "sync" and not models.per_batch(body)
 
 
 @dataclass
@@ -261,62 +261,92 @@ class SplitServer:
         t.wait_sends()
 
     def serve_batched(self, plan: data.RoundPlan, step: int, active: list[int]) -> None:
-        """sync, sfl.batch_clients: once every batch of the step is in, forward them as one batch (in
-        the step's client order, whatever the arrival order: same bits every run) and send each
-        client its rows of z; once every delta is in, one backward. The sum of the clients'
-        sample-weighted gradients is the gradient for the deltas each scaled by its client's sample
-        count; a client's dl/dh is its rows, divided by that count. Label-sharing: one forward and
-        one backward of the sum of every sample's loss. A non-finite gradient cannot be told apart
-        by client: it stops the run, or (on_nonfinite = "skip") drops the step's batches."""
-        t, job, u_shape = self.job.transport, self.job, self.cfg.u_shape
+        """sync, sfl.batch_clients: the step's batches in groups, each forwarded (and backpropagated)
+        as one batch; the groups are fixed by the layout, not by arrival (batch_groups), and each
+        group is concatenated in client order, so runs are bit-reproducible. U-shape: a group is
+        forwarded once all its activations are in, and backpropagated once all its deltas are in and
+        the groups before it are done (the gradient sums in group order)."""
+        t, u_shape = self.job.transport, self.cfg.u_shape
         kinds = (ACT, DELTA) if u_shape else (ACT,)
         inbox = Inbox(t, {(src, kind): n for src, n in self.counts(active).items() for kind in kinds})
-        got: dict[int, object] = {}
+        groups = self.batch_groups(active)
+        group_of = {c: g for g, members in enumerate(groups) for c in members}
+        h: dict[int, torch.Tensor] = {}
+        back: dict[int, object] = {}   # what the backward takes: delta, or (h, labels)
+        sizes: dict[int, list[int]] = {}
+        done = 0                       # groups backpropagated so far
+        while inbox:
+            src, header = inbox.next()
+            c, g = header.client, group_of[header.client]
+            if header.kind == ACT and u_shape:
+                h[c] = self.job.transport.recv_payload(header, src).clone()
+                if all(m in h for m in groups[g]):
+                    sizes[g] = self.forward_group(plan, step, g, groups[g], [h.pop(m) for m in groups[g]])
+                continue
+            back[c] = self.receive_rest(header, src)
+            while done < len(groups) and all(m in back for m in groups[done]):
+                members = groups[done]
+                self.backward_group(plan, step, done, members, [back.pop(m) for m in members], sizes.pop(done, None))
+                done += 1
+        t.wait_sends()
 
-        def receive_all() -> list:
-            while len(got) < len(active):
-                src, header = inbox.next()
-                got[header.client] = self.receive_rest(header, src)
-            return [got.pop(c) for c in active]
+    def batch_groups(self, active: list[int]) -> list[list[int]]:
+        """sfl.batch_clients: "step": all of the step's clients on this server as one group;
+        "rank": one group per client rank (its logical clients), so the server forwards one rank's
+        batches while the next rank is still computing its own."""
+        if self.cfg.sfl.batch_clients == "step":
+            return [list(active)]
+        groups: dict[int, list[int]] = {}
+        for c in active:
+            groups.setdefault(self.rank_of[c], []).append(c)
+        return list(groups.values())
 
-        key, body = (plan.rnd, step, -1), self.main.module
-        if u_shape:
-            h = receive_all()
-            sizes = [len(x) for x in h]
-            with job.timers.phase("server_compute"):
-                z = self.state.forward(key, body, torch.cat(h), self.seed(plan, step, active[0]))
-            self.passes += 1
-            del h
-            for c, rows in zip(active, z.split(sizes)):
-                t.isend(rows, self.rank_of[c], OUT, plan.rnd, step, c)
-            deltas = receive_all()
-            kept = [i for i, d in enumerate(deltas) if d is not DROPPED]
-            with job.timers.phase("server_compute"):
+    def forward_group(self, plan: data.RoundPlan, step: int, g: int, members: list[int],
+                      h: list[torch.Tensor]) -> list[int]:
+        """U-shape: one forward of the group's activations; each client gets its rows of z."""
+        sizes = [len(x) for x in h]
+        with self.job.timers.phase("server_compute"):
+            z = self.state.forward((plan.rnd, step, -1 - g), self.main.module, torch.cat(h),
+                                   self.seed(plan, step, members[0]))
+        self.passes += 1
+        for c, rows in zip(members, z.split(sizes)):
+            self.job.transport.isend(rows, self.rank_of[c], OUT, plan.rnd, step, c)
+        return sizes
+
+    def backward_group(self, plan: data.RoundPlan, step: int, g: int, members: list[int], received: list,
+                       sizes: list[int] | None) -> None:
+        """One backward for a group. The sum of its clients' sample-weighted gradients is the
+        gradient for the deltas each scaled by its client's sample count, and a client's dl/dh is its
+        rows divided by that count back (design §3.12). Label-sharing: the gradient of the sum of
+        every sample's loss. A non-finite parameter gradient cannot be told apart by client: it
+        stops the run, or (on_nonfinite = "skip") drops the group's batches."""
+        t, key, loss_sum = self.job.transport, (plan.rnd, step, -1 - g), 0.0
+        with self.job.timers.phase("server_compute"):
+            if self.cfg.u_shape:
+                kept = [i for i, d in enumerate(received) if d is not DROPPED]
                 if kept:
-                    rows = None if len(kept) == len(active) else self.rows_of(sizes, kept)
-                    grads, grad_h = self.state.backward(key, body, torch.cat([deltas[i] * sizes[i] for i in kept]), rows)
+                    rows = None if len(kept) == len(members) else self.rows_of(sizes, kept)
+                    delta = torch.cat([received[i] * sizes[i] for i in kept])
+                    grads, grad_h = self.state.backward(key, self.main.module, delta, rows)
                 else:
                     self.state.drop(key)
-        else:
-            received = receive_all()
-            sizes = [len(hy[0]) for hy in received]
-            with job.timers.phase("server_compute"):
-                grads, grad_h, kept, loss_sum = self.shared_labels_backward(plan, step, active, sizes, received)
-        if kept and not finite(grads) and self.nonfinite(plan, step, active[kept[0]], "gradient",
-                                                         tuple(active[i] for i in kept[1:])):
-            kept = []
-        if kept:
-            self.main.add_grads(grads, 1, samples=sum(sizes[i] for i in kept))
-            self.samples += sum(sizes[i] for i in kept)
-            self.loss_sum += 0.0 if u_shape else loss_sum
+            else:
+                sizes = [len(hy[0]) for hy in received]
+                grads, grad_h, kept, loss_sum = self.shared_labels_backward(plan, step, members, sizes, received)
+            if kept and not finite(grads) and self.nonfinite(plan, step, members[kept[0]], "gradient",
+                                                             tuple(members[i] for i in kept[1:])):
+                kept = []
+            if kept:
+                self.main.add_grads(grads, 1, samples=sum(sizes[i] for i in kept))
+                self.samples += sum(sizes[i] for i in kept)
+                self.loss_sum += loss_sum
         if self.cfg.grad_input:  # dl/dh back, or the drop (the client counts it)
-            back = dict(zip(kept, grad_h.split([sizes[i] for i in kept]))) if kept else {}
-            for i, c in enumerate(active):
-                t.isend(back[i] / sizes[i] if i in back else torch.zeros(0), self.rank_of[c], GRAD_IN,
-                        plan.rnd, step, c, dropped=i not in back)
+            dl_dh = dict(zip(kept, grad_h.split([sizes[i] for i in kept]))) if kept else {}
+            for i, c in enumerate(members):
+                t.isend(dl_dh[i] / sizes[i] if i in dl_dh else torch.zeros(0), self.rank_of[c], GRAD_IN,
+                        plan.rnd, step, c, dropped=i not in dl_dh)
         else:
-            self.skipped += len(active) - len(kept)
-        t.wait_sends()
+            self.skipped += len(members) - len(kept)
 
     @staticmethod
     def rows_of(sizes: list[int], kept: list[int]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from . import models
 from .errors import UserError
 from .outdir import pid_alive
-from .transport import ACT, Header, as_buffer
+from .transport import as_buffer
 
 Key = tuple[int, int, int]  # (round, step, logical client)
 FILE_MAGIC = 0x5346_4C31  # "SFL1"
@@ -137,7 +137,7 @@ class Slot:
 
 
 class FileState(MemoryState):
-    """Keeps the input in scratch files; RAM holds only key -> (slot, seed, header).
+    """Keeps the input in scratch files; RAM holds only key -> (slot, seed, h's shape and dtype).
 
     Each batch in flight has a slot: a UUID4-named file, created (O_EXCL) the first time that many
     batches are in flight at once and then reused, so the hot path is one pwritev and one preadv at
@@ -149,7 +149,7 @@ class FileState(MemoryState):
     def __init__(self, grad_input: bool, scratch: Path, device: torch.device):
         super().__init__(grad_input)
         self.scratch, self.device = scratch, device
-        self._names: dict[Key, tuple[Slot, int, Header]] = {}
+        self._names: dict[Key, tuple[Slot, int, tuple[int, ...], torch.dtype]] = {}
         self._free: list[Slot] = []
         self._slots: list[Slot] = []
         self._read: dict[tuple, torch.Tensor] = {}
@@ -180,15 +180,15 @@ class FileState(MemoryState):
                                         "there, set run.scratch_dir to a larger disk, or use sfl.state = 'memory'")
             super()._put(key, h, seed)
             return
-        self._names[key] = (slot, seed, Header(ACT, *key, t.dtype, tuple(t.shape)))
+        self._names[key] = (slot, seed, tuple(t.shape), t.dtype)
 
     def _take(self, key: Key) -> tuple[torch.Tensor, int]:
         if key in self._kept:  # kept in memory after a failed write
             return super()._take(key)
-        slot, seed, header = self._names.pop(key)
-        buf = self._read.get((header.shape, header.dtype))
+        slot, seed, shape, dtype = self._names.pop(key)
+        buf = self._read.get((shape, dtype))
         if buf is None:
-            buf = self._read[(header.shape, header.dtype)] = torch.empty(header.shape, dtype=header.dtype)
+            buf = self._read[(shape, dtype)] = torch.empty(shape, dtype=dtype)
         magic = np.zeros(2, dtype=np.int64)
         data = memoryview(as_buffer(buf.detach())).cast("B")  # the last recompute set requires_grad
         got = os.preadv(slot.fd, [magic, data], 0)

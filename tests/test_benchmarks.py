@@ -119,12 +119,12 @@ def test_step(tmp_path):
 
 
 def test_batching(tmp_path):
-    """Batched and unbatched sync both ran against the baseline; batched made one pass a step."""
+    """Every batching mode ran against the baseline, with one server pass per group."""
     doc = bench("batching", tmp_path / "batching.json")
     rows = {r["run"]: r for r in doc["results"]}
-    assert list(rows) == ["batched", "unbatched", "baseline"] and all(r["samples_per_s"] > 0 for r in rows.values())
-    steps = 256 // 2 // 64  # 2 clients of 128 samples, batch 64
-    assert rows["batched"]["server_passes_per_round"] == steps and rows["unbatched"]["server_passes_per_round"] == 2 * steps
+    assert list(rows) == ["off", "rank", "step", "baseline"] and all(r["samples_per_s"] > 0 for r in rows.values())
+    steps = 256 // 2 // 64  # 2 clients of 128 samples (one per client rank), batch 64
+    assert [rows[m]["server_passes_per_round"] for m in ("off", "rank", "step")] == [2 * steps, 2 * steps, steps]
     assert all(math.isfinite(v) and v > 0 for v in doc["summary"].values())
 
 

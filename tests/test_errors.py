@@ -10,10 +10,11 @@ from mpi_sfl import data
 
 
 def run_fails(ranks: int, *args: str, words: str, extra_env: dict | None = None):
-    if not any(a.startswith("run.out_dir=") for a in args):  # not ./runs/default, which a `make run` fills
-        args = (*args, "--set", f'run.out_dir="{tempfile.mkdtemp(prefix="mpi_sfl-errors-")}/out"')
     t0 = time.monotonic()
-    proc = mpirun(ranks, "train", *args, timeout=60, extra_env=extra_env)
+    with tempfile.TemporaryDirectory(prefix="mpi_sfl-errors-") as scratch:
+        if not any(a.startswith("run.out_dir=") for a in args):  # not ./runs/default, which a `make run` fills
+            args = (*args, "--set", f'run.out_dir="{scratch}/out"')
+        proc = mpirun(ranks, "train", *args, timeout=60, extra_env=extra_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert words in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
