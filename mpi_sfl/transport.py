@@ -29,7 +29,7 @@ from .timing import Timers
 ACT, LABELS, OUT, DELTA, GRAD_IN = 1, 2, 3, 4, 5
 HEADER_LEN = 12  # kind, round, step, client, dtype, ndim, dims[4], dropped, inline
 HEADER_BYTES = HEADER_LEN * 8
-INLINE_BYTES = 64 << 10  # payloads up to this size travel inside their header's message
+INLINE_BYTES = 16 << 10  # payloads up to this size travel inside their header's message (above it the copy costs more than the message saves)
 MAX_DIMS = 4
 DTYPES = [torch.float32, torch.int64, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
@@ -247,7 +247,7 @@ class Transport:
             t = self.wire.pack(t)
         header = Header(kind, rnd, step, client, t.dtype, shape, dropped)
         payload = as_buffer(t)
-        if payload.nbytes <= INLINE_BYTES:  # one message: header and payload (a copy of <= 64 KiB)
+        if payload.nbytes <= INLINE_BYTES:  # one message: header and payload (a copy of <= 16 KiB)
             msg = np.empty(HEADER_BYTES + payload.nbytes, dtype=np.uint8)
             msg[:HEADER_BYTES].view(np.int64)[:] = header.fields(inline=True)
             msg[HEADER_BYTES:] = payload.reshape(-1).view(np.uint8)
