@@ -3,13 +3,13 @@
 Every message is an uppercase (buffer) MPI call on contiguous host memory: nothing is pickled.
 The header says what the payload is (kind, round, step, logical client, dtype, shape), so the
 receiver can take whichever peer is ready. A payload of up to INLINE_BYTES travels in the header's
-own message (one message, one latency: the receiver posts header receives of that size and gets the
-payload as a view of the buffer it arrived in); a larger one follows its header as a second message,
-received into a reused buffer of its shape. Device tensors are staged through host memory because
+own message (the receiver posts header receives of that size and gets the payload as a view of the
+buffer it arrived in); a larger one follows its header as a second message, received into a reused
+buffer of its shape. Device tensors are staged through host memory because
 the PyPI MPI wheels are not CUDA-aware.
 
-Waits for a peer (a header, a send to complete) block in MPI when every rank has a core of its own,
-and otherwise poll with a short sleep: MPICH and Open MPI spin a full core in a blocking call, and
+Waits for a peer (a header, a send to complete) spin when every training rank has a core of its own,
+and otherwise (and always on the fed server) poll with a short sleep: MPICH and Open MPI spin a full core in a blocking call, and
 with more ranks than cores spinning ranks steal the CPU the working ranks need (run.wait).
 A payload is received with a plain blocking Recv: it is already on its way behind its header.
 """
