@@ -51,9 +51,10 @@ def run(level: str, work: Path, args) -> dict:
         base = max(median(sps["baseline"]), median(sps["baseline_1t"]))
         for r in ("off", "rank", "step"):
             rows.append({"job": job, "run": r, "samples_per_s": median(sps[r]), "vs_baseline": median(sps[r]) / base,
-                         "server_passes_per_round": passes[r], "runs": len(sps[r])})
+                         "server_passes_per_round": passes[r], "runs": len(sps[r]), "each_run": sps[r]})
         rows.append({"job": job, "run": "baseline", "samples_per_s": base, "vs_baseline": 1.0,
-                     "server_passes_per_round": 0, "runs": len(sps["baseline"])})
+                     "server_passes_per_round": 0, "runs": len(sps["baseline"]),
+                     "each_run": sps["baseline"] if base == median(sps["baseline"]) else sps["baseline_1t"]})
         key = job.replace("-", "_")
         for r in ("off", "rank", "step"):
             summary[f"{r}_vs_baseline_{key}"] = median(sps[r]) / base
