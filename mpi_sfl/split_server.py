@@ -274,17 +274,21 @@ class SplitServer:
         h: dict[int, torch.Tensor] = {}
         back: dict[int, object] = {}   # what the backward takes: delta, or (h, labels)
         sizes: dict[int, list[int]] = {}
-        done = 0                       # groups backpropagated so far
+        missing_h = [len(m) for m in groups]     # per group: activations still to come
+        missing_back = [len(m) for m in groups]  # and deltas (label-sharing: h with labels)
+        done = 0                                 # groups backpropagated so far
         while inbox:
             src, header = inbox.next()
             c, g = header.client, group_of[header.client]
             if header.kind == ACT and u_shape:
                 h[c] = self.job.transport.recv_payload(header, src).clone()
-                if all(m in h for m in groups[g]):
+                missing_h[g] -= 1
+                if not missing_h[g]:
                     sizes[g] = self.forward_group(plan, step, g, groups[g], [h.pop(m) for m in groups[g]])
                 continue
             back[c] = self.receive_rest(header, src)
-            while done < len(groups) and all(m in back for m in groups[done]):
+            missing_back[g] -= 1
+            while done < len(groups) and not missing_back[done]:
                 members = groups[done]
                 self.backward_group(plan, step, done, members, [back.pop(m) for m in members], sizes.pop(done, None))
                 done += 1
