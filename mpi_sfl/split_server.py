@@ -152,9 +152,10 @@ class SplitServer:
                 self.main.grad.zero_()
                 if variant == "sync" and self.main.buffers.numel():
                     self.step_buffers, self.client_buffers = self.main.buffers.clone(), {}
-                if self.batched:
-                    self.serve_batched(plan, step, active)
-                else:
+                groups = self.batch_groups(active) if self.batched else []
+                if any(len(g) > 1 for g in groups):
+                    self.serve_batched(plan, step, groups)
+                else:  # one batch at a time (a group of one is that, without the copies)
                     self.serve_together(plan, step, active)
                 if variant == "sync":
                     self.apply_mean_update()
@@ -260,7 +261,7 @@ class SplitServer:
                 self.backward(plan, step, c, waiting.pop(c))
         t.wait_sends()
 
-    def serve_batched(self, plan: data.RoundPlan, step: int, active: list[int]) -> None:
+    def serve_batched(self, plan: data.RoundPlan, step: int, groups: list[list[int]]) -> None:
         """sync, sfl.batch_clients: the step's batches in groups, each forwarded (and backpropagated)
         as one batch; the groups are fixed by the layout, not by arrival (batch_groups), and each
         group is concatenated in client order, so runs are bit-reproducible. U-shape: a group is
@@ -268,8 +269,8 @@ class SplitServer:
         the groups before it are done (the gradient sums in group order)."""
         t, u_shape = self.job.transport, self.cfg.u_shape
         kinds = (ACT, DELTA) if u_shape else (ACT,)
+        active = [c for members in groups for c in members]
         inbox = Inbox(t, {(src, kind): n for src, n in self.counts(active).items() for kind in kinds})
-        groups = self.batch_groups(active)
         group_of = {c: g for g, members in enumerate(groups) for c in members}
         h: dict[int, torch.Tensor] = {}
         back: dict[int, object] = {}   # what the backward takes: delta, or (h, labels)
@@ -365,7 +366,7 @@ class SplitServer:
         NaN row would make every weight's gradient NaN). Returns grads, dl/dh (kept rows), kept and
         the kept samples' loss sum."""
         h_all, y_all = torch.cat([hy[0] for hy in received]), torch.cat([hy[1] for hy in received])
-        h, y = h_all, y_all
+        h, y = h_all, y_all  # without a dropped client's rows after a rerun
         params = list(self.main.module.parameters())
         kept = list(range(len(active)))
         while True:
@@ -381,8 +382,9 @@ class SplitServer:
                 return [], None, [], 0.0
             rows = self.rows_of(sizes, kept)
             h, y = h_all.detach()[rows], y_all[rows]
-        out = torch.autograd.grad(sums.sum(), params + ([h] if self.cfg.grad_input else []))
-        return list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None), kept, float(sums.sum())
+        total = sums.sum()
+        out = torch.autograd.grad(total, params + ([h] if self.cfg.grad_input else []))
+        return list(out[:len(params)]), (out[-1] if self.cfg.grad_input else None), kept, float(total)
 
     def serve_in_order(self, plan: data.RoundPlan, step: int, clients: list[int]) -> None:
         """v2, sl: one client after another in the given order; each forward sees the update of
