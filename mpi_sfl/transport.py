@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -37,7 +38,8 @@ NUMPY_VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bi
 NUMPY_DTYPE = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16,
                torch.float64: np.float64, torch.uint8: np.uint8, torch.int8: np.int8}  # the rest: torch views
 FLOAT_KINDS = (ACT, OUT, DELTA, GRAD_IN)    # what sfl.wire_dtype may narrow (labels never)
-REAP_BYTES = 8 << 20                        # completed sends' buffers a rank may hold before it reaps
+REAP_BYTES = 4 << 20                        # payload bytes sent since the last sweep that trigger the next one
+BACKLOG_BYTES = 4 << 20                     # what limit_backlog lets a rank hold besides its newest send
 
 
 class Wire:
@@ -229,9 +231,11 @@ class Transport:
         self.bytes_sent = 0
         self.patience = 1.0  # x run.timeout_s for waits on a peer (clients: 1.5, see polite_wait)
         self._pool: dict[tuple, torch.Tensor] = {}
-        self._sending: list[tuple[list[MPI.Request], int, object, int]] = []  # reqs, dest, buffers, payload bytes
-        # reap when this many sends, or this many bytes, are held (amortized O(1) per send)
-        self._reap_at, self._reap_bytes, self._held_bytes = 16, REAP_BYTES, 0
+        # Outgoing sends not yet known complete, oldest first: (reqs, dest, buffers, payload bytes).
+        self._sending: deque[tuple[list[MPI.Request], int, object, int]] = deque()
+        self._held_bytes = 0   # their payload bytes
+        self.peak_held = 0     # the most payload bytes this rank held for its sends at once
+        self._sweep_at, self._sweep_bytes = 16, REAP_BYTES  # see reap()
 
     # -- sending -----------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor, dest: int, kind: int, rnd: int, step: int, client: int,
@@ -259,16 +263,46 @@ class Transport:
         self.bytes_sent += HEADER_BYTES + payload.nbytes
         self._sending.append((reqs, dest, held, payload.nbytes))
         self._held_bytes += payload.nbytes
+        self.peak_held = max(self.peak_held, self._held_bytes)
 
     def reap(self) -> None:
-        """Release the buffers of sends that have completed, so a server's memory does not grow
-        with the batches of a step whose results were already delivered: once 16 sends or 8 MiB
-        are held, and then at twice what was still in flight at the last reap (O(1) per send)."""
-        if len(self._sending) >= self._reap_at or self._held_bytes > self._reap_bytes:
-            self._sending = [s for s in self._sending if not MPI.Request.Testall(s[0])]
-            self._held_bytes = sum(s[3] for s in self._sending)
-            self._reap_at = max(16, 2 * len(self._sending))
-            self._reap_bytes = max(REAP_BYTES, 2 * self._held_bytes)
+        """Release the buffers of sends that have completed, so that what a rank holds for its sends
+        is what its peers have not taken yet, however many batches a step has in flight.
+
+        Sends to a peer complete in the order they were posted, so each call pops completed sends
+        from the front of the queue (O(1) amortized per send). A completed send behind one that is
+        still in flight (another peer, or a peer that reads another kind first) waits for a sweep of
+        the whole queue, done once REAP_BYTES more payload or twice as many sends are held as after
+        the last sweep: completed sends held at any time stay under REAP_BYTES + one payload."""
+        sending = self._sending
+        while sending and MPI.Request.Testall(sending[0][0]):
+            self._held_bytes -= sending.popleft()[3]
+        if len(sending) >= self._sweep_at or self._held_bytes >= self._sweep_bytes:
+            self._sending = sending = deque(s for s in sending if not MPI.Request.Testall(s[0]))
+            self._held_bytes = sum(s[3] for s in sending)
+            self._sweep_at = max(16, 2 * len(sending))
+            self._sweep_bytes = self._held_bytes + REAP_BYTES
+
+    def limit_backlog(self, limit: int = BACKLOG_BYTES) -> None:
+        """Wait for the oldest sends until at most `limit` bytes are held besides the newest one:
+        a rank that sends faster than its peer takes keeps a bounded backlog instead of one buffer
+        per batch in flight. Only where the peer takes these sends without waiting for anything
+        more from this rank (else the two would wait for each other)."""
+        self.reap()
+        newest = self._sending[-1][3] if self._sending else 0
+        if self._held_bytes - newest <= limit:
+            return
+        t0 = MPI.Wtime()
+        while len(self._sending) > 1 and self._held_bytes - self._sending[-1][3] > limit:
+            reqs, dest, _, nbytes = self._sending[0]
+            polite_wait(reqs, who=lambda: describe(dest) + " to take this rank's messages", patience=self.patience)
+            self._sending.popleft()
+            self._held_bytes -= nbytes
+        self.timers.add("p2p_wait", MPI.Wtime() - t0)
+
+    def buffer_bytes(self) -> int:
+        """The most bytes this rank held at once for its sends, plus its reused receive buffers."""
+        return self.peak_held + sum(b.nbytes for b in self._pool.values())
 
     def owed(self) -> list[int]:
         """The ranks whose sends from this rank are not complete (for a timeout's message: sends
@@ -285,6 +319,7 @@ class Transport:
             self.timers.add("p2p_wait", MPI.Wtime() - t0)
             self._sending.clear()
             self._held_bytes = 0
+            self._sweep_at, self._sweep_bytes = 16, REAP_BYTES
 
     # -- receiving ---------------------------------------------------------------------------
     def irecv_header(self, source: int, kind: int) -> tuple[MPI.Request, np.ndarray]:

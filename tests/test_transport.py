@@ -25,3 +25,37 @@ def test_polling_ranks_sleep_with_fine_timer_slack():
     inherited = Path("/proc/self/timerslack_ns").read_text().strip()
     assert slack_after("poll", False) == slack_after("auto", True) == "1000"
     assert slack_after("spin", True) == slack_after("auto", False) == inherited
+
+
+def test_a_rank_holds_only_the_sends_its_peer_has_not_taken():
+    """The split server's RAM must not grow with the batches in flight: what Transport holds for
+    its sends is bounded by what the peer has not taken yet, plus REAP_BYTES and one payload of
+    completed sends. In-process on COMM_SELF (the rank sends to itself), so completion is exact."""
+    import torch
+    from mpi4py import MPI
+
+    from mpi_sfl.transport import ACT, OUT, REAP_BYTES, Transport
+
+    t = Transport(MPI.COMM_SELF, torch.device("cpu"))
+    x = torch.ones(1 << 18)  # 1 MiB of float32: a payload after its header, held until taken
+    mib = x.nbytes
+    for i in range(32):      # a step whose 32 sends nobody takes yet: all 32 are held
+        t.isend(x, 0, ACT, 0, 0, i)
+    assert t._held_bytes == 32 * mib
+    for i in range(32):
+        assert t.recv(0, ACT)[0].client == i
+    t.wait_sends()
+    assert t._held_bytes == 0
+    for i in range(64):      # then steps whose sends are taken at once: they are let go at once
+        t.isend(x, 0, ACT, 1, 0, i)
+        assert t._held_bytes <= 2 * mib, f"send {i}: {t._held_bytes / mib:g} MiB held"
+        t.recv(0, ACT)
+    t.wait_sends()
+    t.isend(x, 0, OUT, 2, 0, 0)  # one send nobody takes, then many that are taken: the completed
+    for i in range(64):          # ones behind it are let go by the sweeps
+        t.isend(x, 0, ACT, 2, 0, i)
+        assert t._held_bytes <= mib + REAP_BYTES + mib, f"send {i}: {t._held_bytes / mib:g} MiB held"
+        t.recv(0, ACT)
+    t.recv(0, OUT)
+    t.wait_sends()
+    assert t._held_bytes == 0 and t.peak_held == 32 * mib  # the metrics' held_mb comes from it
