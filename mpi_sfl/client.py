@@ -172,11 +172,12 @@ class ClientRank:
                 if not self.cfg.u_shape:
                     t.isend(y, server, LABELS, rnd, step, c.cid)
         # Whatever the server sends back first: z (U-shape: run the head, send dl/dz) or dl/dh (finish
-        # the encoder). Taking dl/dh as soon as it comes lets the server release its send buffer.
+        # the encoder). dl/dh is taken first when both are there (the inbox tests its receives in
+        # order): the split server holds each dl/dh it sent until this rank has taken it.
         # A batch dropped for a non-finite value (train.on_nonfinite = "skip") still sends and gets
         # every message, flagged `dropped`, so both sides count the same messages.
         n = len(active)
-        inbox = Inbox(t, {(server, OUT): n if self.cfg.u_shape else 0, (server, GRAD_IN): n if self.cfg.grad_input else 0})
+        inbox = Inbox(t, {(server, GRAD_IN): n if self.cfg.grad_input else 0, (server, OUT): n if self.cfg.u_shape else 0})
         while inbox:
             _, header = inbox.next()
             payload = t.recv_payload(header, server)

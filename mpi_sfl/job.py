@@ -27,6 +27,7 @@ STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np
                   ("bytes_sent", np.float64), ("peak_rss", np.float64), ("round_seconds", np.float64),
                   ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
                   ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one per group)
+                  ("held", np.float64),    # peak bytes held for batches in flight (Transport.buffer_bytes + state)
                   ("phases", np.float64, (len(PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
 RELAY_TAG = 101    # sl: client-side weights and optimizer state to the next logical client's rank
@@ -119,11 +120,14 @@ class Job:
         return None if self.cfg.centralized else self.layout.client_ranks[0]
 
     def stats(self, role: int, loss_sum: float, samples: float, bytes_sent: float,
-              round_seconds: float, skipped: int = 0, copies: int = 0, passes: int = 0) -> np.ndarray:
-        """This rank's row for the round-end Gather (STATS)."""
+              round_seconds: float, skipped: int = 0, copies: int = 0, passes: int = 0,
+              state_bytes: int = 0) -> np.ndarray:
+        """This rank's row for the round-end Gather (STATS). `state_bytes`: the most the split
+        server's state kept in RAM at once (state.py)."""
         row = np.zeros(1, STATS)
         row["role"], row["loss_sum"], row["samples"], row["bytes_sent"] = role, loss_sum, samples, bytes_sent
         row["skipped"], row["copies"], row["passes"] = skipped, copies, passes
+        row["held"] = self.transport.buffer_bytes() + state_bytes
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
         return row

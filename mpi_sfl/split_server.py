@@ -136,7 +136,7 @@ class SplitServer:
             computes_loss = not self.cfg.u_shape
             job.gather_stats(job.stats(SERVER, self.loss_sum, self.samples if computes_loss else 0,
                                        job.transport.bytes_sent, MPI.Wtime() - self.t0, self.skipped,
-                                       self.copies.made, self.passes))
+                                       self.copies.made, self.passes, self.state.peak_bytes))
             self.loss_sum, self.samples, self.skipped, self.elapsed, self.passes = 0.0, 0, 0, 0.0, 0
             if job.checkpoint_due(rnd):
                 job.checkpoint(self.state_dict, (rnd + 1, 0))
@@ -350,6 +350,7 @@ class SplitServer:
             for i, c in enumerate(members):
                 t.isend(dl_dh[i] / sizes[i] if i in dl_dh else torch.zeros(0), self.rank_of[c], GRAD_IN,
                         plan.rnd, step, c, dropped=i not in dl_dh)
+            t.limit_backlog()  # see backward()
         else:
             self.skipped += len(members) - len(kept)
 
@@ -466,6 +467,10 @@ class SplitServer:
         if self.cfg.grad_input:
             self.job.transport.isend(torch.zeros(0) if dropped else grad_h, self.rank_of[client], GRAD_IN,
                                      plan.rnd, step, client, dropped=dropped)
+            # The server's RAM stays flat in the batches in flight: a client that is slower to take
+            # its dl/dh than the server to make them holds the server back (transport.BACKLOG_BYTES),
+            # and it is in its receive loop, taking them without waiting for anything more from here.
+            self.job.transport.limit_backlog()
 
     def nonfinite(self, plan: data.RoundPlan, step: int, client: int, what: str, among: tuple[int, ...] = ()) -> bool:
         """True if the batch is to be dropped (train.on_nonfinite = "skip"); else the run stops."""

@@ -45,7 +45,9 @@ class GraphState:
 
     def __init__(self, grad_input: bool):
         self.grad_input = grad_input
-        self._kept: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept: dict[Key, tuple] = {}  # graph: (h, z); memory: (h, seed)
+        self.bytes = 0       # bytes of the tensors it keeps in RAM: kept h (and z), read buffers
+        self.peak_bytes = 0  # the most it kept at once (not counting the graphs behind z)
         self._pre: dict[Key, list[torch.Tensor]] = {}      # running buffers before a batch's forward
         self._buffers: dict[int, list[torch.Tensor]] = {}  # id(body) -> its buffers (fixed views)
 
@@ -55,11 +57,27 @@ class GraphState:
             bufs = self._buffers[id(body)] = models.buffers(body)
         return bufs
 
+    def hold(self, nbytes: int) -> None:
+        """Count tensors kept (nbytes > 0) or let go (< 0)."""
+        self.bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def keep(self, key: Key, h: torch.Tensor, other) -> None:
+        self._kept[key] = (h, other)
+        self.hold(h.nbytes + (other.nbytes if isinstance(other, torch.Tensor) else 0))
+
+    def pop(self, key: Key, default=None):
+        kept = self._kept.pop(key, default)
+        if kept is not default:
+            h, other = kept
+            self.hold(-h.nbytes - (other.nbytes if isinstance(other, torch.Tensor) else 0))
+        return kept
+
     def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
         h = h.clone().requires_grad_(self.grad_input)  # the received buffer is reused
         models.seed_rng(seed)
         z = body(h)
-        self._kept[key] = (h, z)
+        self.keep(key, h, z)
         return z.detach()
 
     def backward(self, key: Key, body: nn.Module, delta: torch.Tensor, rows: torch.Tensor | None = None
@@ -67,7 +85,7 @@ class GraphState:
         """The parameters' gradients and dl/dh for delta = dl/dz. `rows`: backpropagate only these
         samples of h (a batch of several clients' batches, some dropped; the part is then one that
         treats each sample alone, models.per_batch, so recomputing them is exact)."""
-        h, z = self._kept.pop(key)
+        h, z = self.pop(key)
         if rows is not None:
             h = h.detach()[rows].requires_grad_(self.grad_input)
             with torch.enable_grad():
@@ -81,7 +99,7 @@ class GraphState:
 
     def drop(self, key: Key) -> None:
         """Forget a batch whose backward will not come (its client dropped it)."""
-        self._kept.pop(key, None)
+        self.pop(key)
         self._pre.pop(key, None)
 
     def in_flight(self) -> int:
@@ -90,6 +108,7 @@ class GraphState:
     def close(self) -> None:
         self._kept.clear()
         self._pre.clear()
+        self.bytes = 0
 
 
 class MemoryState(GraphState):
@@ -123,10 +142,10 @@ class MemoryState(GraphState):
         return grads
 
     def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
-        self._kept[key] = (h.clone(), seed)
+        self.keep(key, h.clone(), seed)
 
     def _take(self, key: Key) -> tuple[torch.Tensor, int]:
-        return self._kept.pop(key)
+        return self.pop(key)
 
 
 @dataclass
@@ -189,6 +208,7 @@ class FileState(MemoryState):
         buf = self._read.get((shape, dtype))
         if buf is None:
             buf = self._read[(shape, dtype)] = torch.empty(shape, dtype=dtype)
+            self.hold(buf.nbytes)
         magic = np.zeros(2, dtype=np.int64)
         data = memoryview(as_buffer(buf.detach())).cast("B")  # the last recompute set requires_grad
         got = os.preadv(slot.fd, [magic, data], 0)
@@ -221,6 +241,7 @@ class FileState(MemoryState):
             self._discard(slot)
         self._names.clear()
         self._free.clear()
+        self._read.clear()
 
 
 def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.device):

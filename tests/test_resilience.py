@@ -20,7 +20,7 @@ import torch
 from conftest import TINY, load_model, metrics, mpirun, mpiscript, ok, sets, start
 
 # Timing and memory fields differ between any two runs; everything else in a row must not.
-MEASURED = {"seconds", "phase_seconds", "peak_rss_mb"}
+MEASURED = {"seconds", "phase_seconds", "peak_rss_mb", "held_mb"}
 RESUMABLE = TINY + ["data.train_samples=960", "train.rounds=4", "train.clients=3"]
 
 

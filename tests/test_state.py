@@ -115,3 +115,23 @@ def test_graph_state_retains_graph_memory_does_not():
     kept_g, kept_m = g._kept[(0, 0, 0)], m._kept[(0, 0, 0)]
     assert kept_g[1].grad_fn is not None          # graph mode holds z with its graph
     assert isinstance(kept_m[1], int) and kept_m[0].grad_fn is None  # memory mode: input + seed only
+
+
+@pytest.mark.parametrize("inflight", [1, 4, 16])
+def test_what_a_state_keeps_in_ram_per_batch_in_flight(tmp_path, inflight):
+    """file: one read buffer, however many batches are in flight; memory: exactly each batch's h;
+    graph: h and z per batch (its graph comes on top)."""
+    body = models.build("mlp", 0).body
+    h = torch.randn(8, 64)
+    z_bytes = body(h).nbytes
+    want = {"file": h.nbytes, "memory": inflight * h.nbytes, "graph": inflight * (h.nbytes + z_bytes)}
+    for mode in ("file", "memory", "graph"):
+        st = make_state(mode, True, make_scratch(str(tmp_path), mode), torch.device("cpu"))
+        for rnd in range(2):  # the second round in flight again: nothing left over from the first
+            for c in range(inflight):
+                st.forward((rnd, 0, c), body, h, seed=c)
+            for c in range(inflight):
+                st.backward((rnd, 0, c), body, torch.ones(8, 64))
+        assert st.peak_bytes == want[mode], mode
+        assert st.bytes == (h.nbytes if mode == "file" else 0), mode
+        st.close()
