@@ -22,6 +22,12 @@ def run_fails(ranks: int, *args: str, words: str, extra_env: dict | None = None)
     return proc
 
 
+def test_a_bad_command_line_is_said_once_per_job():
+    """argparse's refusal, said by rank 0 alone in one line (not a usage block from every rank)."""
+    proc = run_fails(2, "--resume", "--overwrite", words="argument --overwrite: not allowed with argument --resume")
+    assert "usage:" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_unknown_key():
     run_fails(4, "--set", "train.lerning_rate=0.1", words="unknown config key 'train.lerning_rate'")
 

@@ -274,14 +274,30 @@ def test_the_command_line_says_how_to_start(monkeypatch):
     from mpi_sfl import baseline, cli
     assert cli.parser().parse_args(["train", "--resume"]).resume
     for argv in (["train", "--resume", "--overwrite"], ["baseline", "--resume"]):
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(cli.CommandLineError):
             cli.parser().parse_args(argv)
-        assert exc.value.code == 2
     seen = []
     monkeypatch.setattr(baseline, "run", lambda cfg, start: seen.append(start))
     cli.main(["baseline"])
     cli.main(["baseline", "--overwrite"])
     assert seen == ["new", "overwrite"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["baseline", "--resume"], "unrecognized arguments: --resume"),
+    (["baseline", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["trian"], "invalid choice: 'trian'")])
+def test_a_bad_command_line_is_one_line_and_exit_2(capsys, argv, words):
+    """No usage block, no traceback: the one-line form of every other user error (the same under
+    mpiexec, once per job: test_errors.py::test_a_bad_command_line_is_said_once_per_job)."""
+    from mpi_sfl import cli
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("mpi-sfl: error: ") and words in err, err
+    assert "usage:" not in err
 
 
 # -- real jobs ----------------------------------------------------------------------------------------
