@@ -57,9 +57,11 @@ def test_too_many_clients_for_the_data():
 
 
 def test_bad_config_file(tmp_path):
+    """Not TOML at all (a binary file): one line naming it from rank 0, exit 2 on every rank. (A
+    wrong value in a valid file, invalid TOML, other encodings: tests/test_config.py, in-process.)"""
     bad = tmp_path / "bad.toml"
-    bad.write_text("[train]\nrounds = 'three'\n")
-    run_fails(4, str(bad), words="train.rounds")
+    bad.write_bytes(bytes(range(256)))
+    run_fails(2, str(bad), words=f"config file '{bad}' is not a TOML file")
 
 
 def test_srun_singletons_are_refused():
