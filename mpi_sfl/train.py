@@ -146,8 +146,10 @@ def run(job: Job, worker) -> int:
             worker.finish()
             return 0
         if not written:
-            return report(job, f"{ctl.first_problem()}; the run stopped. model.pt and metrics.jsonl keep the "
-                               f"last good round{resume_hint(job, ' and the last checkpoint')}", EXIT_FAILED)
+            problem = ctl.first_problem()  # collective
+            kept = worker.kept() if job.rank == 0 else ""  # the fed server writes (and knows) the outputs
+            return report(job, f"{problem}; the run stopped. {kept}"
+                               f"{resume_hint(job, '. The last checkpoint is kept')}", EXIT_FAILED)
         rnd, step = position
         return report(job, f"stopped by {ctl.who_signalled()} at round {rnd + 1}, after step {step} of {rounds} rounds; "
                            f"checkpoint in {Path(job.cfg.run.out_dir) / checkpoint.CURRENT}"
