@@ -407,3 +407,14 @@ def test_two_jobs_into_one_out_dir(tmp_path):
     assert config.load(str(out / "config.toml")).run.seed == winner
     assert json.loads((out / "summary.json").read_text())["rounds"] == winner
     assert not (out / ".lock").exists()
+
+
+def test_each_test_gets_a_private_temporary_directory(tmp_path_factory):
+    """conftest's autouse fixture: what a test or its jobs put in the temporary directory (a killed
+    split server's scratch, a benchmark's work dir) lands under pytest's base temp, never in /tmp."""
+    import tempfile
+    base = tmp_path_factory.getbasetemp()
+    for where in (os.environ.get("TMPDIR", "/tmp"), tempfile.gettempdir()):
+        assert Path(where).is_relative_to(base) and Path(where) != base, where
+    from conftest import env
+    assert env()["TMPDIR"] == os.environ["TMPDIR"]  # the jobs' environment: mpi_sfl.state.scratch_base reads it
