@@ -9,15 +9,31 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError
 
+# Set in a process that an MPI launcher started (MPICH/Intel hydra, Open MPI, PMIx, srun with PMI).
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+class CommandLineError(UserError):
+    """A command line argparse refuses (an unknown option, --resume with --overwrite, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing its usage and exiting: under mpiexec every rank
+    parses the same line, and the job must say it once (main)."""
+
+    def error(self, message: str):
+        raise CommandLineError(f"{message} (see {self.prog} --help)")
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpi-sfl", description="Split Federated Learning over MPI.")
+    p = _Parser(prog="mpi-sfl", description="Split Federated Learning over MPI.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("train", "SFL training; launch with mpiexec -n N python -m mpi4py -m mpi_sfl train"),
                        ("baseline", "single-process, unsplit training of the same model on the same data")):
@@ -40,7 +56,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except CommandLineError as exc:
+        refuse(str(exc))
     start = "resume" if getattr(args, "resume", False) else "overwrite" if getattr(args, "overwrite", False) else "new"
     if args.command in ("baseline", "plot"):
         try:
@@ -71,3 +90,24 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)
+
+
+def refuse(message: str) -> None:
+    """End on a user error found before any set-up: one line, exit 2 — printed once per job when
+    this process is one rank of several (every rank finds the same error: errors.exit_job)."""
+    world = _world()
+    if world is not None:
+        from .errors import exit_job
+        exit_job(world, message)
+    print(f"mpi-sfl: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _world():
+    """COMM_WORLD if this process is one rank of a job of several, else None. MPI is started only
+    when a launcher started us or it already is (python -m mpi4py): a plain `mpi-sfl baseline`
+    never touches MPI."""
+    if "mpi4py.MPI" not in sys.modules and not any(v in os.environ for v in LAUNCHER_VARS):
+        return None
+    from mpi4py import MPI
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.size > 1 else None

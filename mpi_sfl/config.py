@@ -199,7 +199,12 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         if not p.is_file():
             raise UserError(f"config file {path!r} not found")
         try:
-            user = tomllib.loads(p.read_text())
+            user = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot read config file {path!r} ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:  # a binary file, or text in another encoding
+            raise UserError(f"config file {path!r} is not a TOML file: it is not UTF-8 text "
+                            f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"config file {path!r} is not valid TOML: {exc}") from None
         for section, table in user.items():

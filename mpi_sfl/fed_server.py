@@ -37,6 +37,7 @@ class FedServer:
         self.aggregator = Aggregator("centralized", job.fed_comm, job.timers, cfg.sfl.aggregator, cfg.sfl.trim,
                                      cfg.sfl.byzantine_f, cfg.sfl.krum_select)
         self.rows: list[dict] = []  # finished rounds' metrics rows
+        self.model_round: int | None = None  # the round (0-based) whose model model.pt holds, if any
         self.train_seconds, self.samples, self.wall = 0.0, 0, 0.0
         self.started = MPI.Wtime()
         self.writer: RunWriter | None = None
@@ -112,6 +113,8 @@ class FedServer:
         self.rows.append(row)
         try:
             self.writer.round(row, self.model, write_model=finite)
+            if finite:
+                self.model_round = row["round"]
         except OSError as exc:
             self.job.control.fail((row["round"], float("inf"), -1),
                                   f"cannot write the outputs in {self.writer.dir} ({exc.strerror}); free space "
@@ -126,6 +129,7 @@ class FedServer:
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
+        self.model_round = self.rows[-1]["round"] if self.rows else None  # a checkpoint's model is finite
         self.client_buf[:] = state["client_buf"].numpy()
         self.train_seconds, self.samples, self.wall = state["train_seconds"], state["samples"], state["wall"]
         self.aggregator.bytes_sent = state["aggregated_bytes"]
@@ -144,6 +148,16 @@ class FedServer:
             "train_samples_per_s": self.samples / self.train_seconds if self.train_seconds else 0.0,
             "phase_seconds": roles,
         })
+
+    def kept(self) -> str:
+        """What the outputs hold after a run stopped on a problem (a sentence for its message)."""
+        if not self.rows:
+            return "No round had finished: there is no model.pt and metrics.jsonl has no rows"
+        last = self.rows[-1]["round"] + 1
+        rows = f"metrics.jsonl has the rows of rounds 1-{last}" if last > 1 else "metrics.jsonl has round 1's row"
+        if self.model_round is None:
+            return f"No round ended with a finite model: there is no model.pt; {rows}"
+        return f"model.pt keeps round {self.model_round + 1}'s model, the last finite one; {rows}"
 
     def close(self) -> None:
         self.evaluator.shutdown(wait=True, cancel_futures=True)

@@ -37,6 +37,8 @@ MODES = ("new", "resume", "overwrite")
 LOCK = ".lock"
 # What marks a directory as holding an earlier run's results.
 RESULTS = ("metrics.jsonl", "summary.json", "model.pt", "checkpoint")
+# What only an SFL training run writes (the baseline writes none of these).
+SFL_ONLY = ("partition.json", "ranks.tsv", "checkpoint", "checkpoint.old")
 # Everything this program writes into OUT (globs); --overwrite removes these and nothing else. The
 # `.tmp-*` temporaries are those of atomic_write / atomic_torch_save left by a killed job.
 OURS = ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.pt.tmp", "curves.png", "ranks.tsv",
@@ -62,6 +64,10 @@ def prepare(out_dir: str, mode: str, need_bytes: int = 0, *, can_resume: bool = 
         _lock(out)
         locked = True
         earlier = [name for name in RESULTS if (out / name).exists()]
+        if mode == "new" and earlier and not can_resume and holds_sfl_run(out):
+            # The baseline is the SFL run's reference: never advise deleting the run it is compared to.
+            raise UserError(f"{out} holds the results of an SFL run ({', '.join(earlier)}); write the baseline "
+                            f"beside it, not over it: {_set_out_dir(_free_sibling(out))}")
         if mode == "new" and earlier:
             how = "pass --resume to continue it or --overwrite to replace them" if can_resume \
                 else "pass --overwrite to replace them"
@@ -79,6 +85,44 @@ def prepare(out_dir: str, mode: str, need_bytes: int = 0, *, can_resume: bool = 
         raise
     _created[out.absolute()] = created
     return out
+
+
+def holds_sfl_run(out: Path) -> bool:
+    """Whether `out` holds (part of) an SFL training run rather than a baseline's: only `train`
+    writes partition.json, ranks.tsv and checkpoints (before its first round ends), and its
+    summary.json says mode "sfl"."""
+    if any((out / name).exists() for name in SFL_ONLY):
+        return True
+    try:
+        return json.loads((out / "summary.json").read_text()).get("mode") != "baseline"
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: it may be an SFL run's; do not advise replacing it
+
+
+def _free_sibling(out: Path) -> Path:
+    """A directory beside `out` for a baseline run: `baseline`, else `<out>-baseline[-k]`, the
+    first that holds no results."""
+    candidates = [out.parent / "baseline", out.with_name(f"{out.name}-baseline")]
+    candidates += [out.with_name(f"{out.name}-baseline-{k}") for k in range(2, 100)]
+    for c in candidates:
+        if c != out and not any((c / name).exists() for name in RESULTS):
+            return c
+    return candidates[-1]
+
+
+def _set_out_dir(path: Path) -> str:
+    """`--set run.out_dir=PATH` as one can paste it into a shell (quoted where it must be)."""
+    import shlex
+
+    from .config import parse_value
+
+    text = str(path)
+    if parse_value(text) == text and shlex.quote(text) == text:
+        return f"--set run.out_dir={text}"
+    toml = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"--set {shlex.quote('run.out_dir=' + toml)}"
 
 
 def release(out_dir: str | Path) -> None:

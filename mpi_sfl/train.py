@@ -13,6 +13,7 @@ the same rounds and steps; at every step boundary the ranks agree whether to sto
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -79,14 +80,13 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
     # checks an npz file through once (headers, labels, every value finite) before any rank loads it.
     fail_together(comm, lambda: data.prepare(cfg) if comm.rank == 0 else None)
 
+    made: list[Path] = []  # this rank's scratch dir, once made
+
     def load():
         device = pick_device(cfg.run.device, local)
         set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         shards = data.partition(labels, layout.clients, cfg)
-        if comm.rank == 0:  # how non-IID the federation is, beside the results (mpi-sfl plot draws it)
-            report = partition_report(labels, shards, spec.num_classes)
-            atomic_write(Path(cfg.run.out_dir) / "partition.json", (strict_json(report) + "\n").encode())
         saved = resume_state(cfg, comm, shards) if start == "resume" else None
         if role == CLIENT:  # only its logical clients' samples
             mine = np.concatenate([shards[c] for c in layout.clients_of(comm.rank)])
@@ -95,11 +95,22 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
             resource = data.load(cfg, "test")
         elif cfg.sfl.state == "file":
             resource = make_scratch(cfg.run.scratch_dir, f"{os.environ.get('SLURM_JOB_ID', 'local')}-r{comm.rank}")
+            made.append(resource)
         else:
             resource = None
-        return device, shards, saved, resource
+        return device, shards, saved, resource, labels
 
-    device, shards, saved, resource = fail_together(comm, load)
+    try:
+        device, shards, saved, resource, labels = fail_together(comm, load)
+    except SystemExit:  # another rank's data failed: a refused job leaves no scratch dir behind
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    if comm.rank == 0:  # how non-IID the federation is, beside the results (mpi-sfl plot draws it); written
+        # only once every rank has its data, so a job refused at set-up leaves no out_dir behind
+        report = partition_report(labels, shards, spec.num_classes)
+        atomic_write(Path(cfg.run.out_dir) / "partition.json", (strict_json(report) + "\n").encode())
+    del labels
     job = Job(cfg, spec, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
     # Each role gets what only it uses: a client rank its logical clients' training samples, the fed
     # server the test set, a split server its scratch dir (file state).
@@ -146,8 +157,10 @@ def run(job: Job, worker) -> int:
             worker.finish()
             return 0
         if not written:
-            return report(job, f"{ctl.first_problem()}; the run stopped. model.pt and metrics.jsonl keep the "
-                               f"last good round{resume_hint(job, ' and the last checkpoint')}", EXIT_FAILED)
+            problem = ctl.first_problem()  # collective
+            kept = worker.kept() if job.rank == 0 else ""  # the fed server writes (and knows) the outputs
+            return report(job, f"{problem}; the run stopped. {kept}"
+                               f"{resume_hint(job, '. The last checkpoint is kept')}", EXIT_FAILED)
         rnd, step = position
         return report(job, f"stopped by {ctl.who_signalled()} at round {rnd + 1}, after step {step} of {rounds} rounds; "
                            f"checkpoint in {Path(job.cfg.run.out_dir) / checkpoint.CURRENT}"

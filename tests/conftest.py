@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,57 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path
+
+
+# -- nothing left behind ----------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _private_tmpdir(tmp_path_factory, monkeypatch):
+    """Each test's temporary directory (TMPDIR for its jobs, tempfile's for itself) is a fresh one
+    under pytest's base temp, not /tmp: what lands there (a killed split server's scratch dir, a
+    benchmark's work dir) goes when pytest prunes its old base temps, and nothing reaches /tmp."""
+    tmp = tmp_path_factory.mktemp("tmpdir")
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+
+
+LITTER_OK = re.compile(r"(^|/)(__pycache__|\.pytest_cache|[^/]*\.egg-info)(/|$)")
+
+
+def repo_entries() -> set[str] | None:
+    """What the checkout holds beyond its tracked files: git's untracked and ignored entries, and
+    runs/ two levels deep (a job without run.out_dir writes runs/default; runs/ is ignored and may
+    exist already). None when git cannot tell (not a checkout)."""
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode:
+        return None
+    entries = {line[3:] for line in proc.stdout.splitlines() if line[:2] in ("??", "!!")}
+    runs = REPO / "runs"
+    if runs.is_dir():
+        entries |= {str(p.relative_to(REPO)) for pattern in ("*", "*/*") for p in runs.glob(pattern)}
+    return {e for e in entries if not LITTER_OK.search(e)}
+
+
+def pytest_sessionstart(session):
+    session.config._repo_before = repo_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if a test wrote into the checkout (outside tmp_path). Something else run in
+    this checkout meanwhile (a `make run`) would be reported too: the message names the paths."""
+    before = getattr(session.config, "_repo_before", None)
+    after = repo_entries() if before is not None else None
+    if after is None or not after - before:
+        return
+    new = sorted(after - before)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = (f"tests left {len(new)} new path(s) in the checkout {REPO} (write under tmp_path instead): "
+            + ", ".join(new[:20]))
+    if reporter is not None:
+        reporter.write("\n" + text + "\n", red=True)
+    else:
+        print(text)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

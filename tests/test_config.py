@@ -59,6 +59,32 @@ def test_unknown_section_in_file(tmp_path):
         config.load(str(tmp_path / "missing.toml"))
 
 
+NOT_TOML = {  # name: (content, words)
+    "binary": (bytes(range(256)) * 4, "is not a TOML file: it is not UTF-8 text (byte 0x80 at offset 128)"),
+    "latin-1": ("[train]\n# r\u00e9glages\nlr = 0.1\n".encode("latin-1"), "is not a TOML file: it is not UTF-8 text"),
+    "invalid": (b"[train\nlr = 0.1\n", "is not valid TOML"),
+    "bad-value": (b"[train]\nrounds = 'three'\n", "train.rounds"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_TOML))
+def test_a_config_file_that_is_not_toml_is_one_line_naming_it(tmp_path, capsys, name):
+    """config.load raises UserError naming the file (one line); the baseline's command line says it
+    once with exit 2 (under mpiexec, train: test_errors.py::test_bad_config_file)."""
+    from mpi_sfl import cli
+    path = tmp_path / f"{name}.toml"
+    content, words = NOT_TOML[name]
+    path.write_bytes(content)
+    with pytest.raises(UserError) as exc:
+        config.load(str(path))
+    assert str(path) in str(exc.value) and words in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(SystemExit) as end:
+        cli.main(["baseline", str(path)])
+    assert end.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpi-sfl: error: ") and err.count("\n") == 1 and str(path) in err, err
+
+
 def test_list_values_parse_write_and_read_back(tmp_path):
     cfg = config.load(overrides=["data.dataset=synthetic", "data.shape=[3, 32, 32]"])
     assert cfg.data.shape == [3, 32, 32] and type(cfg.data.shape) is list  # a list: JSON round trips compare equal

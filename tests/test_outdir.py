@@ -128,8 +128,56 @@ def test_earlier_results_are_refused_in_a_new_run(tmp_path, marker):
     assert str(exc.value).startswith(f"{tmp_path} holds the results of an earlier run")
     assert "pass --resume to continue it or --overwrite to replace them (or set run.out_dir)" in str(exc.value)
     assert (tmp_path / marker).read_text() == marker and not (tmp_path / ".lock").exists()
-    with pytest.raises(UserError, match=r"; pass --overwrite to replace them \(or set run.out_dir\)$"):
-        prepare(str(tmp_path), "new", can_resume=False)  # the baseline cannot resume
+
+
+SFL_RUN = {"config.toml": "", "partition.json": "{}", "ranks.tsv": "", "metrics.jsonl": "", "model.pt": "",
+           "checkpoint/meta.json": "{}", "summary.json": '{"mode": "sfl"}'}
+BASELINE_RUN = {"config.toml": "", "metrics.jsonl": "", "model.pt": "", "summary.json": '{"mode": "baseline"}'}
+
+
+@pytest.mark.parametrize("files, sfl", [
+    (BASELINE_RUN, False),
+    ({"metrics.jsonl": "", "model.pt": ""}, False),  # a baseline killed mid-run: no summary yet
+    (SFL_RUN, True),
+    ({"partition.json": "{}", "ranks.tsv": "", "metrics.jsonl": ""}, True),  # an SFL run stopped in round 1
+    ({"metrics.jsonl": "", "model.pt": "", "summary.json": '{"mode": "sfl"}'}, True),  # its other files removed
+    ({"metrics.jsonl": "", "summary.json": "not json"}, True),  # cannot tell: keep it
+])
+def test_the_baseline_never_advises_replacing_an_sfl_run(tmp_path, files, sfl):
+    """`mpi-sfl baseline` refused by a used out_dir: an earlier baseline's results may be replaced
+    (--overwrite); an SFL run's, the run the baseline is the reference for, never: a directory
+    beside it is suggested instead, one that holds no results."""
+    out = tmp_path / "default"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "metrics.jsonl").write_text("")  # taken: the advice must look further
+    with pytest.raises(UserError) as exc:
+        prepare(str(out), "new", can_resume=False)
+    message = str(exc.value)
+    if sfl:
+        assert message.startswith(f"{out} holds the results of an SFL run (")
+        assert message.endswith(f"write the baseline beside it, not over it: --set run.out_dir={tmp_path}/default-baseline")
+        assert "--overwrite" not in message
+    else:
+        assert message.endswith("; pass --overwrite to replace them (or set run.out_dir)"), message
+    assert {name: (out / name).read_text() for name in files} == files and not (out / ".lock").exists()
+    with pytest.raises(UserError) as exc:  # train's advice is unchanged
+        prepare(str(out), "new")
+    assert "pass --resume to continue it or --overwrite to replace them" in str(exc.value)
+
+
+def test_the_suggested_out_dir_can_be_pasted_into_a_shell(tmp_path):
+    out = tmp_path / "my run"
+    out.mkdir()
+    (out / "ranks.tsv").write_text("")
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError) as exc:
+        prepare(str(out), "new", can_resume=False)
+    assert str(exc.value).endswith(f"--set run.out_dir={tmp_path}/baseline")
+    assert outdir._set_out_dir(out) == f"""--set 'run.out_dir="{out}"'"""
+    assert config.parse_value(f'"{out}"') == str(out)
 
 
 def test_a_config_alone_or_a_users_files_are_not_results(tmp_path):
@@ -274,14 +322,30 @@ def test_the_command_line_says_how_to_start(monkeypatch):
     from mpi_sfl import baseline, cli
     assert cli.parser().parse_args(["train", "--resume"]).resume
     for argv in (["train", "--resume", "--overwrite"], ["baseline", "--resume"]):
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(cli.CommandLineError):
             cli.parser().parse_args(argv)
-        assert exc.value.code == 2
     seen = []
     monkeypatch.setattr(baseline, "run", lambda cfg, start: seen.append(start))
     cli.main(["baseline"])
     cli.main(["baseline", "--overwrite"])
     assert seen == ["new", "overwrite"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["baseline", "--resume"], "unrecognized arguments: --resume"),
+    (["baseline", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["trian"], "invalid choice: 'trian'")])
+def test_a_bad_command_line_is_one_line_and_exit_2(capsys, argv, words):
+    """No usage block, no traceback: the one-line form of every other user error (the same under
+    mpiexec, once per job: test_errors.py::test_a_bad_command_line_is_said_once_per_job)."""
+    from mpi_sfl import cli
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("mpi-sfl: error: ") and words in err, err
+    assert "usage:" not in err
 
 
 # -- real jobs ----------------------------------------------------------------------------------------
@@ -343,3 +407,14 @@ def test_two_jobs_into_one_out_dir(tmp_path):
     assert config.load(str(out / "config.toml")).run.seed == winner
     assert json.loads((out / "summary.json").read_text())["rounds"] == winner
     assert not (out / ".lock").exists()
+
+
+def test_each_test_gets_a_private_temporary_directory(tmp_path_factory):
+    """conftest's autouse fixture: what a test or its jobs put in the temporary directory (a killed
+    split server's scratch, a benchmark's work dir) lands under pytest's base temp, never in /tmp."""
+    import tempfile
+    base = tmp_path_factory.getbasetemp()
+    for where in (os.environ.get("TMPDIR", "/tmp"), tempfile.gettempdir()):
+        assert Path(where).is_relative_to(base) and Path(where) != base, where
+    from conftest import env
+    assert env()["TMPDIR"] == os.environ["TMPDIR"]  # the jobs' environment: mpi_sfl.state.scratch_base reads it

@@ -170,16 +170,17 @@ def test_a_killed_rank_ends_the_job_at_once(tmp_path):
 # -- non-finite training ----------------------------------------------------------------------------
 def test_divergence_stops_with_a_message_and_keeps_strict_json(tmp_path):
     """train.lr = 1e6: the run ends (exit 4) naming the round, step and logical client; no NaN
-    reaches model.pt or metrics.jsonl."""
+    reaches model.pt or metrics.jsonl. It diverges in round 1, so no round is good: the message
+    says there is no model.pt (not that the last good round was kept)."""
     out = tmp_path / "run"
     proc = mpirun(4, "train", *sets(RESUMABLE + ["train.lr=1e6", f'run.out_dir="{out}"']), timeout=60)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert re.search(r"mpi-sfl: error: non-finite (loss|gradient)\S* in round 1, step \d+, logical client \d",
                      proc.stderr), proc.stderr[-2000:]
     assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
-    strict_rows(out)
-    if (out / "model.pt").exists():
-        assert all(torch.isfinite(v).all() for v in load_model(out).values())
+    assert "the run stopped. No round had finished: there is no model.pt and metrics.jsonl has no rows" in proc.stderr
+    assert "last good" not in proc.stderr and "--resume" not in proc.stderr, proc.stderr[-2000:]
+    assert strict_rows(out) == [] and not (out / "model.pt").exists() and not (out / "checkpoint").exists()
 
 
 NAN_MODELS = {"cnn": [],  # the default: one batch at a time on the split server (dropout)
@@ -200,6 +201,8 @@ def test_a_nan_batch_mid_run(tmp_path, mode, model):
         assert proc.returncode == 4, proc.stderr[-3000:]
         assert re.search(r"non-finite (loss|gradient) in round 2, step 3, logical client 0", proc.stderr), proc.stderr[-2000:]
         assert [r["round"] for r in rows] == [0]
+        assert ("the run stopped. model.pt keeps round 1's model, the last finite one; metrics.jsonl has round 1's "
+                "row. The last checkpoint is kept; continue with the same command and --resume") in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert [r["batches_skipped"] for r in rows] == [0, 1, 0]

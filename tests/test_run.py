@@ -50,8 +50,9 @@ def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
     ok(mpirun(3, "train", *sets(TINY + ["train.clients=2", f'run.out_dir="{sfl_out}"'])))
     before = {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()}
     refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
-    assert refused.returncode == 2 and f"{sfl_out} holds the results of an earlier run" in refused.stderr
-    assert "pass --overwrite to replace them" in refused.stderr and "--resume" not in refused.stderr
+    assert refused.returncode == 2 and f"{sfl_out} holds the results of an SFL run" in refused.stderr
+    assert f"--set run.out_dir={sfl_out.parent / 'baseline'}" in refused.stderr  # never --overwrite the SFL run
+    assert "--overwrite" not in refused.stderr and "--resume" not in refused.stderr
     assert {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()} == before
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
     assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
