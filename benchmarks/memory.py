@@ -10,6 +10,25 @@ from pathlib import Path
 from benchmarks import common
 from benchmarks.common import STATES, SYNTH, slope, table
 
+
+def client_kept_mb(model: str, batch: int, shape: tuple[int, ...]) -> dict:
+    """What one logical client keeps between its encoder's forward and its backward, in MiB per
+    batch, counted in-process: the tensors autograd saves for the encoder's backward (hooks on
+    saved tensors; the input batch included), and h itself."""
+    import torch
+
+    from mpi_sfl import models
+    parts = models.build(model, 0, input_shape=shape)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.untyped_storage().nbytes()  # each storage once (views share it)
+        return t
+    x = torch.randn(batch, *shape)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = parts.encoder(x.requires_grad_(False))
+    return {"encoder_saved_mb": sum(saved.values()) / 2**20, "h_mb": h.nbytes / 2**20}
+
 LEVELS = {
     "full": {"clients": [1, 2, 4, 8, 16, 32], "batch": 128, "grouped": False},
     "quick": {"clients": [1, 2, 4], "batch": 128, "grouped": True},
@@ -35,7 +54,9 @@ def run(level: str, work: Path, args) -> dict:
             m = res["metrics"][-1]
             rows.append({"state": state, "clients": k, "inflight_batches": k,
                          "split_server_peak_mb": m["peak_rss_mb"]["split_server"],
+                         "split_server_held_mb": m["held_mb"]["split_server"],
                          "client_peak_mb": m["peak_rss_mb"]["client"],
+                         "client_held_mb": m["held_mb"]["client"],
                          "fed_peak_mb": m["peak_rss_mb"]["fed_server"],
                          "seconds": res["summary"]["seconds"]})
     summary = {}
@@ -49,7 +70,13 @@ def run(level: str, work: Path, args) -> dict:
         summary[f"growth_{state}"] = pk / p1 - 1
         summary[f"mb_per_inflight_batch_{state}"] = slope([r["clients"] for r in pts],
                                                           [r["split_server_peak_mb"] for r in pts])
+        summary[f"held_mb_per_inflight_batch_{state}"] = slope([r["clients"] for r in pts],
+                                                               [r["split_server_held_mb"] for r in pts])
+        summary[f"client_mb_per_logical_client_{state}"] = slope([r["clients"] for r in pts],
+                                                                 [r["client_peak_mb"] for r in pts])
     summary["activation_mb_per_batch"] = act_mb
+    kept = client_kept_mb(cfg["model.name"], s["batch"], tuple(cfg.get("data.shape", (1, 28, 28))))
+    summary["client_kept_mb_per_logical_client"] = kept["encoder_saved_mb"] + kept["h_mb"]
     notes = ["3 ranks: fed server, split server, one client rank hosting all logical clients; a client "
              "rank sends every logical client's activation before receiving, so the batches in flight "
              "at the split server per step = logical clients.",
@@ -59,7 +86,16 @@ def run(level: str, work: Path, args) -> dict:
              f"The activation h at the cut is {act_mb:.2f} MiB per batch: graph mode keeps it and the "
              "graph behind z, memory mode keeps h, file mode keeps a file name. Outgoing dl/dh buffers "
              "are released as soon as the client has taken them.",
-             "growth = peak(max clients) / peak(1 client) - 1; mb_per_inflight_batch = least-squares slope."]
+             "growth = peak(max clients) / peak(1 client) - 1; mb_per_inflight_batch = least-squares slope.",
+             "held_mb (metrics.jsonl): the most a rank held at once for batches in flight, counted by the code "
+             "itself (sends not yet taken by the peer, reused receive buffers, and what the split server's "
+             "state keeps in RAM); unlike RSS it does not depend on the allocator or the machine's noise, "
+             "except for how far a slow peer lets sends pile up (at most transport.BACKLOG_BYTES on the split "
+             "server).",
+             f"A client rank keeps, per logical client in the step, the tensors autograd saved for its encoder's "
+             f"backward and h: {kept['encoder_saved_mb']:.2f} + {kept['h_mb']:.2f} MiB per batch of {s['batch']} "
+             "(counted in-process with saved-tensor hooks); client_mb_per_logical_client is the measured "
+             "slope of the client rank's peak RSS."]
     if s["grouped"]:
         notes.append(f"Each state mode's {len(s['clients'])} points ran side by side as independent 3-rank "
                      f"jobs in one {3 * len(s['clients'])}-rank launch (benchmarks/_group_train.py), to save "
@@ -67,6 +103,7 @@ def run(level: str, work: Path, args) -> dict:
                      "and every process maps MPI shared memory for the whole launch (a constant offset).")
     else:
         notes.append("Every point is its own mpiexec -n 3 launch.")
-    text = table(rows, ["state", "clients", "split_server_peak_mb", "growth", "client_peak_mb", "seconds"],
+    text = table(rows, ["state", "clients", "split_server_peak_mb", "split_server_held_mb", "growth", "client_peak_mb",
+                        "client_held_mb", "seconds"],
                  "memory: split server peak RSS vs batches in flight")
     return {"settings": s, "results": rows, "summary": summary, "notes": notes, "text": text}
