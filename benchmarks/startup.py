@@ -93,7 +93,7 @@ def run(level: str, work: Path, args) -> dict:
              "start after mpiexec was started; the rest as mpi_sfl/startup.py defines them (they add up "
              "to to_first_step). outputs = rank 0 from the end of training to summary.json (the last "
              "evaluation, checkpoint, model.pt); exit = from summary.json to mpiexec's return (final "
-             "barrier, MPI_Finalize, interpreter teardown)."]
+             "barrier, MPI_Finalize, process exit: python -m mpi_sfl skips the interpreter teardown, cli.exit_now)."]
     if against:
         notes.append(f"against: the same job from {against}, interleaved with the others.")
     text = (table(rows, ["rep", "run", "wall_s"], "startup: wall seconds, tiny job vs bare import")
