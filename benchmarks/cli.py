@@ -16,6 +16,8 @@ Suites (benchmarks/README.md):
   precision   test accuracy and bytes of each sfl.wire_dtype (float32, float16, bfloat16, int8)
   step        one step's microseconds per batch, piece by piece (compute, scratch, messages, other)
   batching    sync with the split server batching a step's clients (sfl.batch_clients) or not, vs baseline
+  startup     a tiny 4-rank job's wall time vs `mpiexec -n 4 python -c "import torch"`, and each role's
+              time to its first step by phase (--against CHECKOUT: the same job from another checkout too)
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
   all         every suite above in order, into --out-dir (model uses that run's wire and scaling)
 
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 from benchmarks import (aggregate, attacks, batching, clients, common, memory, model, noise, precision, scaling,
-                        step, throughput, variants, wire)
+                        startup, step, throughput, variants, wire)
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -61,6 +63,7 @@ SUITES = {
     "precision": precision.run,
     "step": step.run,
     "batching": batching.run,
+    "startup": startup.run,
     "model": model.run,
 }
 
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(REPO / "runs" / "bench"), help="where `all` (and defaults) write")
     p.add_argument("--wire", help="model: a wire suite JSON to take bandwidth/latency from (else measured)")
     p.add_argument("--scaling", help="model: a scaling suite JSON to check against (else measured)")
+    p.add_argument("--against", metavar="CHECKOUT",
+                   help="startup: also time the tiny job from this checkout (e.g. a git worktree of an older commit)")
     p.add_argument("--keep", action="store_true", help="keep the temporary run directories")
     p.add_argument("--model", choices=["cnn", "lenet5", "mlp", "resnet18"], default=None,
                    help="throughput, memory: the model (default cnn; resnet18 on synthetic 3x32x32 images)")

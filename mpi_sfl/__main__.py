@@ -1,4 +1,5 @@
 """python -m mpi_sfl train|baseline ... (see mpi_sfl.cli)."""
-from .cli import main
+from .cli import exit_now, main
 
 main()
+exit_now()

@@ -25,6 +25,7 @@ from . import data, models, outdir
 from .errors import UserError
 from .layout import pick_device, set_threads
 from .models import Part
+from .eager import SGD
 from .outputs import RunWriter, evaluate, space_needed
 from .transport import Wire
 
@@ -61,7 +62,7 @@ def _train(cfg, spec: models.Spec) -> dict:
     parts = [(model.encoder, Part.ENCODER), (model.body, Part.BODY), (model.head, Part.HEAD)]
     if cfg.split and not cfg.u_shape:
         parts = [(model.encoder, Part.ENCODER), (models.server_part(model, False), Part.BODY)]
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+    opt = SGD([p for p in model.parameters() if p.requires_grad],
                           lr=cfg.train.lr, momentum=cfg.train.momentum)
     # train.client_optimizer = "reset": the per-client working copies' momentum (the client parts;
     # v1's server copies too) starts afresh after every averaging; here, the same parameters' buffers.

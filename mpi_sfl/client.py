@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from . import data, models, slots
+from . import data, eager, models, slots
 from .aggregation import Aggregator, flatten_params, host
 from .config import Config
 from .control import nonfinite_message
 from .job import RELAY_TAG, WEIGHTS_TAG, Job
 from .layout import CLIENT
 from .models import Part
+from .eager import SGD
 from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe, polite_wait
 
 
@@ -79,7 +80,7 @@ def client_copy(cfg: Config, base: models.Parts, device: torch.device) -> Logica
     parts = models.client_parts(m, cfg.u_shape, cfg.split)
     flat = flatten_params(parts, device)
     trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(trainable or [torch.zeros(1, requires_grad=True)],
+    opt = SGD(trainable or [torch.zeros(1, requires_grad=True)],
                           lr=cfg.train.lr, momentum=cfg.train.momentum)
     return LogicalClient(m, flat, trainable, opt)
 
@@ -187,7 +188,7 @@ class ClientRank:
                     if header.dropped:
                         c.batch["dropped"] = True
                     elif not c.batch.get("dropped"):
-                        c.batch["h"].backward(payload)
+                        eager.backward(c.batch["h"], payload)
                     continue
                 z = payload.clone().requires_grad_(True)
                 loss = F.cross_entropy(self.forward(Part.HEAD, c.model.head, z, rnd, step, c.cid), c.batch["y"])

@@ -10,16 +10,17 @@ model.pt: the run stops (control.FAILED) and the last good model stays.
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import data, models
+from . import data, models, startup
 from .aggregation import Aggregator, flatten_params
 from .job import WEIGHTS_TAG, Job
-from .layout import FED
+from .layout import FED, ROLE_NAMES
 from .outputs import RunWriter, evaluate, role_rows
 from .transport import describe, polite_wait
 
@@ -43,6 +44,8 @@ class FedServer:
         self.writer: RunWriter | None = None
         self.evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
         self.pending: tuple[Future, dict] | None = None
+        self.startup: dict | None = None  # this run's ranks' start-up phases (startup.py), from its first round's stats
+        self.trained_at = float("nan")    # time.time() when training ended here (the benchmarks' exit phase)
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> None:
@@ -62,6 +65,7 @@ class FedServer:
             if job.checkpoint_due(rnd):
                 self.finish_eval()  # its row goes into the checkpoint
                 job.checkpoint(self.state_dict, (rnd + 1, 0))
+        self.trained_at = time.time()
 
     def end_round(self, rnd: int, plan: data.RoundPlan, t0: float) -> None:
         job, cfg = self.job, self.cfg
@@ -74,6 +78,8 @@ class FedServer:
                                                        [job.layout.first_server] * cfg.split + [source] * (source is not None))
                         + " to send the round's weights", patience=1.5)
         stats = job.gather_stats(job.stats(FED, 0.0, 0.0, self.aggregator.bytes_sent, MPI.Wtime() - t0))
+        if self.startup is None:
+            self.startup = startup.summary(stats, ROLE_NAMES)
         seconds = float(stats["round_seconds"][1:].max())  # the training ranks' round; eval of the last overlaps it
         self.train_seconds += seconds
         self.samples += plan.samples
@@ -147,6 +153,9 @@ class FedServer:
             "wall_seconds": round(self.wall + MPI.Wtime() - self.started, 3), "ranks": self.job.comm.size,
             "train_samples_per_s": self.samples / self.train_seconds if self.train_seconds else 0.0,
             "phase_seconds": roles,
+            # Each role's slowest rank to its first step, by phase; then when training ended and
+            # summary.json was written here, as time.time() (startup.py; `python -m benchmarks startup`).
+            "startup": {**(self.startup or {}), "trained_at": self.trained_at, "finished_at": time.time()},
         })
 
     def kept(self) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import checkpoint
+from . import checkpoint, startup
 from .config import Config
 from .control import Control
 from .data import RoundPlan
@@ -28,7 +28,9 @@ STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np
                   ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
                   ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one per group)
                   ("held", np.float64),    # peak bytes held for batches in flight (Transport.buffer_bytes + state)
-                  ("phases", np.float64, (len(PHASES),))])
+                  ("phases", np.float64, (len(PHASES),)),
+                  ("started", np.float64),  # this process's start (time.time()) and its start-up phases (startup.py)
+                  ("startup", np.float64, (len(startup.PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
 RELAY_TAG = 101    # sl: client-side weights and optimizer state to the next logical client's rank
 
@@ -78,6 +80,7 @@ class Job:
 
     def step_done(self, rnd: int, steps_done: int) -> None:
         self.control.step_done(rnd, steps_done)
+        startup.mark("first_step")
 
     def checkpoint_due(self, rnd: int) -> bool:
         """Whether a checkpoint follows round `rnd` (run.checkpoint_every; 0: only at the end)."""
@@ -130,6 +133,7 @@ class Job:
         row["held"] = self.transport.buffer_bytes() + state_bytes
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
+        row["started"], row["startup"] = startup.STARTED, startup.seconds()
         return row
 
     def gather_stats(self, mine: np.ndarray) -> np.ndarray | None:

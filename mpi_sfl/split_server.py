@@ -32,6 +32,7 @@ from .control import nonfinite_message
 from .job import WEIGHTS_TAG, Job
 from .layout import SERVER
 from .models import Part
+from .eager import SGD
 from .state import make_state
 from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe, polite_wait
 
@@ -71,7 +72,7 @@ class ServerPart:
         flat = flatten_params([module], job.device)
         nparams = param_count([module])
         grad = attach_flat_grads(params, job.device, extra=flat.numel() - 1 - nparams)
-        return cls(module, flat, grad, torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum), nparams)
+        return cls(module, flat, grad, SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum), nparams)
 
     @property
     def buffers(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import models
+from . import eager, models
 from .errors import UserError
 from .outdir import pid_alive
 from .transport import as_buffer
@@ -94,7 +94,7 @@ class GraphState:
 
     def _grads(self, body, z, h, delta):
         params = [p for p in body.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(z, params + ([h] if self.grad_input else []), grad_outputs=delta)
+        grads = eager.grad(z, params + ([h] if self.grad_input else []), delta)
         return list(grads[:len(params)]), (grads[-1] if self.grad_input else None)
 
     def drop(self, key: Key) -> None:

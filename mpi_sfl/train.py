@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, client, config, control, data, fed_server, models, outdir, split_server
+from . import checkpoint, client, config, control, data, fed_server, models, outdir, split_server, startup
 from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
@@ -54,6 +54,7 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
 
 def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str, held: list[str]) -> None:
     local, local_size, training_here = local_rank(comm)
+    startup.mark("node")
 
     def setup():
         check_launch(comm.size)
@@ -72,13 +73,15 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         wire = f" ({cfg.sfl.wire_dtype} on the wire)" if cfg.split and cfg.sfl.wire_dtype != "float32" else ""
         return cfg, layout, spec, [summary.line(cfg.model.name, cfg.model.split) + wire] + [gathering] * bool(gathering)
 
-    cfg, layout, spec, summary = fail_together(comm, setup)
+    cfg, layout, spec, summary = fail_together(comm, startup.timed(setup, "setup"))
+    startup.mark("setup_wait")
     set_wait_mode(cfg.run.wait, training_here > len(os.sched_getaffinity(0)), cfg.run.timeout_s, idle=comm.rank == 0)
     set_describer(layout.describe)
     role = layout.role(comm.rank)
     # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache, and
     # checks an npz file through once (headers, labels, every value finite) before any rank loads it.
-    fail_together(comm, lambda: data.prepare(cfg) if comm.rank == 0 else None)
+    fail_together(comm, startup.timed(lambda: data.prepare(cfg) if comm.rank == 0 else None, "prepare"))
+    startup.mark("prepare_wait")
 
     made: list[Path] = []  # this rank's scratch dir, once made
 
@@ -101,7 +104,7 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         return device, shards, saved, resource, labels
 
     try:
-        device, shards, saved, resource, labels = fail_together(comm, load)
+        device, shards, saved, resource, labels = fail_together(comm, startup.timed(load, "data"))
     except SystemExit:  # another rank's data failed: a refused job leaves no scratch dir behind
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
@@ -111,14 +114,18 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         report = partition_report(labels, shards, spec.num_classes)
         atomic_write(Path(cfg.run.out_dir) / "partition.json", (strict_json(report) + "\n").encode())
     del labels
+    startup.mark("data_wait")
     job = Job(cfg, spec, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
+    startup.mark("communicators")
     # Each role gets what only it uses: a client rank its logical clients' training samples, the fed
     # server the test set, a split server its scratch dir (file state).
     worker = ROLES[role](job, resource)
     if saved:
         worker.load_state_dict(saved["state"])
         job.load_counters(saved["state"]["counters"])
+    startup.mark("build")
     announce(job, summary)
+    startup.mark("announce")
     code = run(job, worker)
     polite_wait(comm.Ibarrier(), who="every rank to finish", collective=True)  # nobody exits before rank 0 has written the results
     if code:

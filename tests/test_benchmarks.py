@@ -25,6 +25,7 @@ FIELDS = {
     "variants": ["baseline_final_accuracy_iid", "fl_final_accuracy_iid", "sl_final_accuracy_iid",
                  "v1_final_accuracy_iid", "v2_final_accuracy_iid", "sync_final_accuracy_iid",
                  "sl_seconds_over_sync_iid", "sync_vs_baseline_samples_per_s_iid"],
+    "startup": ["job_wall_s", "import_wall_s", "to_first_step_s", "outputs_s", "exit_s"],
     "model": ["t_client_us_per_sample", "t_server_us_per_sample_file", "link_latency_us", "link_GBps",
               "check_median_abs_error", "projected_speedup_1024_s1", "projected_speedup_1024_s64"],
 }
@@ -126,6 +127,19 @@ def test_batching(tmp_path):
     steps = 256 // 2 // 64  # 2 clients of 128 samples (one per client rank), batch 64
     assert [rows[m]["server_passes_per_round"] for m in ("off", "rank", "step")] == [2 * steps, 2 * steps, steps]
     assert all(math.isfinite(v) and v > 0 for v in doc["summary"].values())
+
+
+def test_startup(tmp_path):
+    """The tiny job timed beside the bare import; every role's phases, read from the run itself."""
+    doc = bench("startup", tmp_path / "startup.json")
+    check_doc(doc, "startup")
+    assert [r["run"] for r in doc["results"]["walls"]] == ["import", "job"]
+    phases = {r["role"]: r for r in doc["results"]["phases"]}
+    assert list(phases) == ["fed_server", "split_server", "client"]
+    for r in phases.values():  # every phase measured (through the cli: mpi_init and imports too)
+        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("interpreter", "mpi_init", "imports", "setup",
+                                                               "data", "build", "first_step")), r
+        assert r["to_first_step"] > r["imports"]
 
 
 def test_scaling_then_model(tmp_path):
