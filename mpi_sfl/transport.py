@@ -39,7 +39,7 @@ NUMPY_DTYPE = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: 
                torch.float64: np.float64, torch.uint8: np.uint8, torch.int8: np.int8}  # the rest: torch views
 FLOAT_KINDS = (ACT, OUT, DELTA, GRAD_IN)    # what sfl.wire_dtype may narrow (labels never)
 REAP_BYTES = 4 << 20                        # payload bytes sent since the last sweep that trigger the next one
-BACKLOG_BYTES = 4 << 20                     # what limit_backlog lets a rank hold besides its newest send
+BACKLOG_BYTES = 2 << 20                     # what limit_backlog lets a rank hold besides its newest send
 
 
 class Wire:
