@@ -76,8 +76,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # Where round-off can flip a threshold (a ReLU or max-pool's gradient path, a value rounded to a
 # narrow wire format at the cut), one flip moves the weights by far more than round-off, and whether
 # a flip happens depends on the kernels. So no fixed number: `roundoff_bound` trains the same
-# baseline twice more in this process with every initial weight one ulp up and one ulp down, and
-# takes K times the larger distance from the reference as the bound: the sensitivity of this very
+# baseline twice more in this process with every initial weight moved one ulp, each up or down at
+# random (two seeds: round-off has no preferred sign; moving all of them up is a systematic shift
+# that flipped a max-pool/ReLU in the cnn where no round-off did), and takes K times the larger
+# distance from the reference as the bound: the sensitivity of this very
 # configuration (model, data, wire, steps) to round-off, measured under this CPU's kernels. Where no
 # flip amplifies round-off the spread is a few ulps and the floor (FLOOR_ULPS ulps of the largest
 # weight: a few ulps per update over a few dozen updates, no amplification) is the bound.
@@ -88,15 +90,18 @@ _controls: dict[tuple, float] = {}
 
 def baseline_here(config: str | None, settings, out: Path, nudge: int = 0) -> dict[str, torch.Tensor]:
     """`mpi-sfl baseline [config] --set settings...` in this process (no interpreter to start),
-    writing `out`; nudge = +1 / -1 first moves every initial weight one ulp up / down."""
+    writing `out`; nudge = n > 0 first moves every initial weight one ulp, up or down as a
+    generator seeded with n draws it."""
     cfg = _config.load(config, list(settings) + [f'run.out_dir="{out}"'])
     build = _models.Spec.build
 
     def nudged(self, seed):
         parts = build(self, seed)
+        g = torch.Generator().manual_seed(nudge)
         with torch.no_grad():
             for p in parts.parameters():
-                p.copy_(torch.nextafter(p, torch.full_like(p, nudge * math.inf)))
+                toward = torch.where(torch.rand(p.shape, generator=g) < 0.5, -math.inf, math.inf)
+                p.copy_(torch.nextafter(p, toward))
         return parts
 
     if nudge:
@@ -111,14 +116,14 @@ def baseline_here(config: str | None, settings, out: Path, nudge: int = 0) -> di
 def roundoff_bound(tmp: Path, ref: dict[str, torch.Tensor], config: str | None = None, settings=(),
                    what: str = "") -> float:
     """The tolerance for comparing a run with `ref`, the baseline of `config` + `settings`: ROUNDOFF_K
-    times how far the same baseline lands from `ref` when its initial weights move one ulp (either
-    way), at least FLOOR_ULPS ulps of the largest weight. Measured once per configuration per session
+    times how far the same baseline lands from `ref` when its initial weights move one ulp (two
+    draws of the signs), at least FLOOR_ULPS ulps of the largest weight. Measured once per configuration per session
     (the key ignores run.out_dir)."""
     text = "" if config is None else "\n".join(line for line in Path(config).read_text().splitlines()
                                               if not line.startswith("out_dir"))
     key = (text, tuple(s for s in settings if not s.startswith("run.out_dir")))
     if key not in _controls:
-        spread = max(max_diff(baseline_here(config, settings, tmp / f"nudge{n}", n), ref) for n in (1, -1))
+        spread = max(max_diff(baseline_here(config, settings, tmp / f"nudge{n}", n), ref) for n in (1, 2))
         top = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point() and v.numel())
         floor = FLOOR_ULPS * float(torch.nextafter(torch.tensor(top), torch.tensor(math.inf)) - top)
         _controls[key] = max(ROUNDOFF_K * spread, floor)
