@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from conftest import TINY, baseline, load_model, max_diff, mpirun, ok, sets
+from conftest import TINY, baseline, close, load_model, max_diff, mpirun, ok, roundoff_bound, sets
 from benchmarks.noise import distance_correlation
 from mpi_sfl import models
 
-TOL = 2e-5
 
 
 def test_clipping_bounds_each_sample_and_the_noise_is_seeded():
@@ -37,9 +36,10 @@ def test_sfl_with_noise_at_the_cut_is_the_baseline_with_the_same_noise(tmp_path)
     noisy = common + ["sfl.noise_std=0.5", "sfl.clip_norm=20.0"]
     ok(mpirun(4, "train", *sets(noisy + ["sfl.state=\"file\"", f'run.out_dir="{tmp_path / "sfl"}"'])))
     ok(baseline(str(tmp_path / "sfl" / "config.toml"), *sets([f'run.out_dir="{tmp_path / "base"}"'])))
-    sfl = load_model(tmp_path / "sfl")
-    assert max_diff(sfl, load_model(tmp_path / "base")) < TOL
+    sfl, ref = load_model(tmp_path / "sfl"), load_model(tmp_path / "base")
+    bound = roundoff_bound(tmp_path, ref, str(tmp_path / "sfl" / "config.toml"), (), "noise: nudged baseline")
+    close(sfl, ref, bound, "noise: SFL vs baseline")
     # control: the noise really changed the training
     ok(baseline(str(tmp_path / "sfl" / "config.toml"), *sets(["sfl.noise_std=0.0", "sfl.clip_norm=0.0",
                                                                f'run.out_dir="{tmp_path / "clean"}"'])))
-    assert max_diff(sfl, load_model(tmp_path / "clean")) > 100 * TOL
+    assert max_diff(sfl, load_model(tmp_path / "clean")) > 10 * bound
