@@ -1,9 +1,14 @@
 """Helpers to launch real MPI jobs from serial pytest tests, with hard time limits (mpi_sfl.launcher)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,8 +53,72 @@ def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subproce
     return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 
 
-def baseline(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def mpijobs(n: int, *jobs: list[str], timeout: float = 150, prelude: Path | None = None,
+            extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Several jobs (each an `mpi-sfl` argv: ["train", "--set", ...]) one after another in ONE
+    `mpiexec -n n` launch (tests/mpi_jobs.py): torch is imported once for all of them. One
+    CompletedProcess per job: its exit code (every rank's must agree), its ranks' stdout and stderr
+    (rank 0's first). A job after a crash or a hang did not run: returncode None, and the launch's
+    output in its stderr. `timeout` bounds the whole launch."""
+    results = Path(tempfile.mkdtemp(prefix="mpijobs-"))
+    spec = results / "spec.json"
+    spec.write_text(json.dumps({"jobs": [list(j) for j in jobs], "results": str(results),
+                                "prelude": str(prelude) if prelude else None}))
+    launch = launcher.mpi(n, [str(REPO / "tests" / "mpi_jobs.py"), str(spec)], timeout,
+                          env=env(**(extra_env or {})), root=REPO, grace=0)
+    out = []
+    for i, argv in enumerate(jobs):
+        codes = [(results / f"{i}.{r}.code").read_text().split() if (results / f"{i}.{r}.code").exists() else None
+                 for r in range(n)]
+        text = {k: "".join((results / f"{i}.{r}.{k}").read_text() for r in range(n)
+                           if (results / f"{i}.{r}.{k}").exists()) for k in ("out", "err")}
+        if None in codes:
+            text["err"] += f"\n[job {i} did not finish; the launch ended with exit {launch.returncode}]\n" \
+                                 f"{launch.stdout[-3000:]}\n{launch.stderr[-5000:]}"
+            code = None
+        else:
+            assert len({c for c, _ in codes}) == 1, f"job {i}: the ranks exited with different codes {codes}\n{text['err'][-3000:]}"
+            code = int(codes[0][0])
+        done = subprocess.CompletedProcess(list(argv), code, text["out"], text["err"])
+        done.seconds = max(float(c[1]) for c in codes) if code is not None else None  # the job's own, start-up excluded
+        out.append(done)
+    return out
+
+
+def baseline_process(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m mpi_sfl baseline ARGS` as its own process (the command line itself)."""
     return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
+
+
+def baseline(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mpi-sfl baseline ARGS` run in this process (mpi_sfl.cli.main: the same code as the command,
+    which is one process and never touches MPI) instead of a new interpreter that imports torch again.
+    Its output is captured, its exit code returned as a CompletedProcess's; it runs under a SIGALRM
+    limit of `timeout` seconds. extra_env's PYTHONPATH entries go on sys.path for the run (user models)."""
+    from mpi_sfl import cli
+    out, err = io.StringIO(), io.StringIO()
+    paths = [p for p in (extra_env or {}).get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    threads = torch.get_num_threads()
+
+    def too_long(signum, frame):
+        raise TimeoutError(f"baseline ran past its {timeout} s limit")
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    sys.path[:0] = paths
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(["baseline", *args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        for p in paths:
+            sys.path.remove(p)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["mpi-sfl", "baseline", *args], code, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -76,14 +145,24 @@ def tmp_out(tmp_path):
 
 
 # -- nothing left behind ----------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _private_tmpdir(tmp_path_factory, monkeypatch):
-    """Each test's temporary directory (TMPDIR for its jobs, tempfile's for itself) is a fresh one
-    under pytest's base temp, not /tmp: what lands there (a killed split server's scratch dir, a
-    benchmark's work dir) goes when pytest prunes its old base temps, and nothing reaches /tmp."""
+@contextlib.contextmanager
+def private_tmpdir(tmp_path_factory):
+    """A fresh temporary directory (TMPDIR for jobs, tempfile's for this process) under pytest's base
+    temp, not /tmp: what lands there (a killed split server's scratch dir, a benchmark's work dir)
+    goes when pytest prunes its old base temps, and nothing reaches /tmp. For the fixtures that run
+    jobs for a whole module or session (set up before a test's own _private_tmpdir)."""
     tmp = tmp_path_factory.mktemp("tmpdir")
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp))
+        mp.setattr(tempfile, "tempdir", str(tmp))
+        yield tmp
+
+
+@pytest.fixture(autouse=True)
+def _private_tmpdir(tmp_path_factory):
+    """Each test's temporary directory is a fresh one (private_tmpdir)."""
+    with private_tmpdir(tmp_path_factory) as tmp:
+        yield tmp
 
 
 LITTER_OK = re.compile(r"(^|/)(__pycache__|\.pytest_cache|[^/]*\.egg-info)(/|$)")
