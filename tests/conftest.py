@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,33 @@ def metrics(out: Path) -> list[dict]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+class TinyRun:
+    """A finished SFL job: TINY with 2 logical clients on `mpiexec -n 3` (fed server, split server,
+    one client rank), 2 rounds, written to `out`. Read it as is; `copy` it to change it."""
+    settings = TINY + ["train.clients=2"]
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def copy(self, dest: Path) -> Path:
+        """The run's files in `dest`, its config.toml naming `dest` as run.out_dir: what the same job
+        with run.out_dir = dest would have left."""
+        shutil.copytree(self.out, dest)
+        toml = dest / "config.toml"
+        toml.write_text(toml.read_text().replace(json.dumps(str(self.out)), json.dumps(str(dest))))
+        return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One launch for the session; tests that need a finished small run to resume, refuse or
+    overwrite start from a copy of it (test_resilience, test_run, test_outdir)."""
+    with private_tmpdir(tmp_path_factory):
+        out = tmp_path_factory.mktemp("tiny_run") / "run"
+        ok(mpirun(3, "train", *sets(TinyRun.settings + [f'run.out_dir="{out}"'])))
+    return TinyRun(out)
 
 
 @pytest.fixture

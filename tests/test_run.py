@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY, baseline, load_model, metrics, mpirun, mpiscript, ok, sets
+from conftest import TINY, baseline, baseline_process, load_model, metrics, mpirun, mpiscript, ok, sets
 from mpi_sfl import config
 
 
@@ -45,11 +45,13 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
                        torch.cat([v.flatten() for v in load_model(runs[1]).values()]))
 
 
-def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
-    sfl_out = tmp_path_factory.mktemp("sfl")
-    ok(mpirun(3, "train", *sets(TINY + ["train.clients=2", f'run.out_dir="{sfl_out}"'])))
+def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory, tiny_run):
+    """`mpi-sfl baseline` on a finished SFL run's config.toml (a copy of the session's tiny_run):
+    refused into the SFL run's own dir (the command itself, its own process: exit 2, the SFL files
+    untouched); into another dir it writes the same kind of outputs, and --overwrite replaces them."""
+    sfl_out = tiny_run.copy(tmp_path_factory.mktemp("sfl") / "run")
     before = {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()}
-    refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
+    refused = baseline_process(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
     assert refused.returncode == 2 and f"{sfl_out} holds the results of an SFL run" in refused.stderr
     assert f"--set run.out_dir={sfl_out.parent / 'baseline'}" in refused.stderr  # never --overwrite the SFL run
     assert "--overwrite" not in refused.stderr and "--resume" not in refused.stderr
