@@ -86,6 +86,35 @@ def mpijobs(n: int, *jobs: list[str], timeout: float = 150, prelude: Path | None
     return out
 
 
+class Runs:
+    """Finished SFL jobs that a module's tests read (see `run_jobs`): `out[name]` is a job's run.out_dir."""
+
+    def __init__(self, out: dict[str, Path], procs: dict[str, subprocess.CompletedProcess]):
+        self.out, self.procs = out, procs
+
+    def into(self, name: str, dest: Path) -> Path:
+        """A copy of job `name`'s outputs in `dest` (made if need be), for a test that reads its
+        run from its own directory."""
+        shutil.copytree(self.out[name], dest, dirs_exist_ok=True)
+        return dest
+
+
+def run_jobs(tmp_path_factory, jobs: dict[str, tuple[int, list[str]]], extra_env: dict | None = None) -> Runs:
+    """Every `train` job of `jobs` (name -> (ranks, settings)), each into its own run.out_dir, all
+    jobs with the same -n one after another in ONE launch (mpijobs); every one must succeed. For a
+    module's fixture: the jobs run once, before its first test, and each test checks its own."""
+    with private_tmpdir(tmp_path_factory) as tmp:
+        out = {name: tmp / name.replace("/", "-") for name in jobs}
+        procs = {}
+        for ranks in sorted({r for r, _ in jobs.values()}):
+            names = [name for name, (r, _) in jobs.items() if r == ranks]
+            done = mpijobs(ranks, *[["train", *sets(jobs[n][1] + [f'run.out_dir="{out[n]}"'])] for n in names],
+                           timeout=150 + 30 * len(names), extra_env=extra_env)
+            for name, proc in zip(names, done):
+                procs[name] = ok(proc)
+    return Runs(out, procs)
+
+
 def baseline_process(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m mpi_sfl baseline ARGS` as its own process (the command line itself)."""
     return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
