@@ -28,6 +28,24 @@ TINY = ["data.dataset=\"synthetic\"", "data.train_samples=240", "data.test_sampl
         "run.progress=\"none\"", "run.threads=1"]
 
 
+# -- the quick tier -------------------------------------------------------------------------------
+# A test that launches a job (mpiexec, or a process of its own) is marked `mpi`; `make check` runs
+# the tests marked `quick` (one real job per variant among them) and every test not marked `mpi`.
+# The launch helpers below refuse to start a job for a test without the marker, so an unmarked
+# launching test cannot slip into the quick tier.
+_current: list = [None]  # the test being set up or run
+
+
+def pytest_runtest_setup(item):
+    _current[0] = item
+
+
+def launching() -> None:
+    item = _current[0]
+    assert item is None or item.get_closest_marker("mpi"), (
+        f"{item.nodeid} launches a job: mark it @pytest.mark.mpi (or the module: pytestmark = pytest.mark.mpi)")
+
+
 def sets(items) -> list[str]:
     out = []
     for item in items:
@@ -42,15 +60,18 @@ def env(**extra: str) -> dict:
 
 def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`mpiexec -n n python -m mpi4py -m mpi_sfl args...`; a hang fails the test instead of CI."""
+    launching()
     return launcher.mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
 
 
 def start(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.Popen:
     """`mpirun` that returns at once: the running mpiexec, to signal or to watch."""
+    launching()
     return launcher.start_mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO)
 
 
 def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    launching()
     return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 
 
@@ -61,6 +82,7 @@ def mpijobs(n: int, *jobs: list[str], timeout: float = 150, prelude: Path | None
     CompletedProcess per job: its exit code (every rank's must agree), its ranks' stdout and stderr
     (rank 0's first). A job after a crash or a hang did not run: returncode None, and the launch's
     output in its stderr. `timeout` bounds the whole launch."""
+    launching()
     results = Path(tempfile.mkdtemp(prefix="mpijobs-"))
     spec = results / "spec.json"
     spec.write_text(json.dumps({"jobs": [list(j) for j in jobs], "results": str(results),
@@ -117,6 +139,7 @@ def run_jobs(tmp_path_factory, jobs: dict[str, tuple[int, list[str]]], extra_env
 
 def baseline_process(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m mpi_sfl baseline ARGS` as its own process (the command line itself)."""
+    launching()
     return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
 
 

@@ -15,6 +15,8 @@ import pytest
 from conftest import TINY, mpijobs, private_tmpdir, sets
 from mpi_sfl import data
 
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
+
 SRUN = {"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}  # what srun without PMI looks like from inside
 
 

@@ -13,8 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import MPIEXEC, REPO, env
 from test_resilience import has_rows, wait_for
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 SETTINGS = ('--set train.rounds=8 --set data.dataset=\\"synthetic\\" --set data.train_samples=960 '
             '--set train.clients=3 --set run.progress=\\"none\\"')

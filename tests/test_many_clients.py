@@ -109,6 +109,7 @@ def runs(tmp_path_factory) -> dict:
         return {name: out for name, (out, _) in outs.items()}
 
 
+@pytest.mark.mpi
 def test_reset_is_plain_sgd_on_the_client_side(tmp_path, runs):
     out = runs["reset"]
     ref = tmp_path / "baseline"
@@ -119,6 +120,7 @@ def test_reset_is_plain_sgd_on_the_client_side(tmp_path, runs):
     assert max_diff(load_model(out), load_model(kept)) > 100 * TOL
 
 
+@pytest.mark.mpi
 def test_a_thousand_clients_build_only_the_copies_that_train(runs):
     rows = metrics(runs["many"])
     assert [r["clients_trained"] for r in rows] == [6, 6, 6]

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+import pytest
+
 from conftest import TINY, baseline, load_model, max_diff, metrics, mpijobs, ok, sets
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 TOL = 2e-5  # as tests/test_exactness.py
 

@@ -367,6 +367,7 @@ def job(out: Path, *extra: str, settings: list[str] = ()) -> list[str]:
     return ["train", *sets(JOB + list(settings) + [f'run.out_dir="{out}"']), *extra]
 
 
+@pytest.mark.mpi
 def test_a_second_run_is_refused_until_overwrite(tmp_path, tiny_run):
     """Into a finished run's dir (two copies of the session's tiny_run, which is this JOB, so both
     jobs run in one launch): refused without --overwrite, its files untouched; replaced with it."""
@@ -385,6 +386,7 @@ def test_a_second_run_is_refused_until_overwrite(tmp_path, tiny_run):
                                        "summary.json"]  # lock released
 
 
+@pytest.mark.mpi
 def test_a_file_as_out_dir_or_a_later_set_up_error_leaves_nothing(tmp_path):
     f = tmp_path / "file"
     f.write_text("keep me")
@@ -399,6 +401,7 @@ def test_a_file_as_out_dir_or_a_later_set_up_error_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.mpi
 def test_two_jobs_into_one_out_dir(tmp_path):
     """Started at once: one gets the lock and finishes; the other is refused naming the holder, and
     leaves the winner's files alone (rounds differ, so metrics.jsonl tells whose run it is)."""

@@ -20,6 +20,8 @@ import torch
 
 from conftest import TINY, load_model, metrics, mpijobs, mpirun, ok, private_tmpdir, sets, start
 
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
+
 # Timing and memory fields differ between any two runs; everything else in a row must not.
 MEASURED = {"seconds", "phase_seconds", "peak_rss_mb", "held_mb"}
 RESUMABLE = TINY + ["data.train_samples=960", "train.rounds=4", "train.clients=3"]

@@ -63,6 +63,7 @@ def gathered():
     return ok(mpiscript(5, REPO / "tests" / "mpi_robust.py", "150", "3,4,5"))
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [3, 4, 5])
 def test_gather_collectives_give_the_statistics_bits(gathered, n):
     assert f"summary n={n}: {4 * (2 * n - 1)} same bits, 0 different" in gathered.stdout, gathered.stdout[-3000:]
@@ -83,6 +84,7 @@ def diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.mpi
 def test_robust_aggregators_on_two_equal_clients_are_the_mean(tmp_path):
     """Two clients with equal shards: their median and their untrimmed mean are their
     (sample-weighted) mean, for the client parts and for v1's server copies on 2 split servers."""
@@ -99,6 +101,7 @@ def test_robust_aggregators_on_two_equal_clients_are_the_mean(tmp_path):
     assert diff(r["median3"]["model"], r["mean3"]["model"]) > 100 * TOL
 
 
+@pytest.mark.mpi
 def test_attackers_wreck_the_mean_not_the_robust_aggregators(tmp_path):
     """fl on 6 logical clients, 2 of them sending 10x sign-flipped updates every round: the mean
     ends far from the honest model and loses its accuracy; median and Krum stay near it."""
@@ -117,6 +120,7 @@ def test_attackers_wreck_the_mean_not_the_robust_aggregators(tmp_path):
     assert diff(median["model"], honest["model"]) < far / 5, (far, acc)
 
 
+@pytest.mark.mpi
 def test_an_impossible_aggregator_ends_the_job_at_set_up(tmp_path):
     proc = mpirun(3, "train", *sets(TINY + ["train.clients=4", "sfl.aggregator=\"krum\"", "sfl.byzantine_f=1",
                                             f'run.out_dir="{tmp_path / "x"}"']), timeout=60)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, baseline, load_model, max_diff, metrics, mpirun, ok, sets
+from conftest import TINY, baseline, load_model, max_diff, metrics, ok, run_jobs, sets
 from mpi_sfl.transport import Wire
 
 TOL = 2e-5
@@ -48,15 +48,28 @@ CASES = {
 }
 
 
+WIRE_JOB = TINY + ["train.clients=2", "train.aggregate_every=1", "train.rounds=1"]
+
+
+@pytest.fixture(scope="module")
+def sfl(tmp_path_factory):
+    """The SFL jobs, one launch of 4 ranks (conftest.run_jobs): each CASES case, and the float16 case's
+    settings on a float32 wire ("wide")."""
+    jobs = {case: (4, WIRE_JOB + settings) for case, settings in CASES.items()}
+    jobs["wide"] = (4, WIRE_JOB + CASES["float16-cnn-u-file"][1:])
+    return run_jobs(tmp_path_factory, jobs)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_narrowed_wire_is_the_baseline_that_rounds_at_the_cut(tmp_path, case):
+def test_a_narrowed_wire_is_the_baseline_that_rounds_at_the_cut(tmp_path, case, sfl):
     # One round (8 steps). A conv computes a client's chunk and the concatenated batch with different
     # float32 round-off; a narrowed value that sits on a rounding boundary then flips, and the flip
     # grows: the cnn float16 case is 3e-6 after one round and 3e-4 after two, a cnn bfloat16 case
     # 7.5e-5 after one (its control 1.9e-3), which is why bfloat16 is checked on the mlp (3.7e-8).
     common = TINY + ["train.clients=2", "train.aggregate_every=1", "train.rounds=1",
                      f'run.out_dir="{tmp_path / "sfl"}"']
-    ok(mpirun(4, "train", *sets(common + CASES[case])))
+    sfl.into(case, tmp_path / "sfl")  # the SFL job: common + CASES[case]
     config = str(tmp_path / "sfl" / "config.toml")
     ok(baseline(config, *sets([f'run.out_dir="{tmp_path / "same"}"'])))
     ok(baseline(config, *sets(["sfl.wire_dtype=\"float32\"", f'run.out_dir="{tmp_path / "f32"}"'])))
@@ -64,7 +77,7 @@ def test_a_narrowed_wire_is_the_baseline_that_rounds_at_the_cut(tmp_path, case):
     assert max_diff(sfl, same) < TOL
     assert max_diff(sfl, f32) > 10 * TOL
     if case.startswith("float16"):  # half the bytes of float32 in every payload
-        ok(mpirun(4, "train", *sets(common[:-1] + CASES[case][1:] + [f'run.out_dir="{tmp_path / "wide"}"'])))
+        sfl.into("wide", tmp_path / "wide")  # the same on a float32 wire
         # the split server sends only z and dl/dh (the clients' bytes include the averaging's)
         narrow, wide = (metrics(tmp_path / d)[-1]["bytes_sent"]["split_server"] for d in ("sfl", "wide"))
         assert 0.45 < narrow / wide < 0.55
