@@ -75,20 +75,22 @@ def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subproce
     return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 
 
-def mpijobs(n: int, *jobs: list[str], timeout: float = 150, prelude: Path | None = None,
+def mpijobs(n: int, *jobs: list[str], timeout: float | None = None, prelude: Path | None = None,
             extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Several jobs (each an `mpi-sfl` argv: ["train", "--set", ...]) one after another in ONE
     `mpiexec -n n` launch (tests/mpi_jobs.py): torch is imported once for all of them. One
     CompletedProcess per job: its exit code (every rank's must agree), its ranks' stdout and stderr
     (rank 0's first). A job after a crash or a hang did not run: returncode None, and the launch's
-    output in its stderr. `timeout` bounds the whole launch."""
+    output in its stderr. `timeout` bounds the whole launch (default: 120 s and 60 s per job, what a
+    job takes on a loaded 2-core machine with room to spare; a deadlock still ends the launch)."""
     launching()
+    timeout = 120 + 60 * len(jobs) if timeout is None else timeout
     results = Path(tempfile.mkdtemp(prefix="mpijobs-"))
     spec = results / "spec.json"
     spec.write_text(json.dumps({"jobs": [list(j) for j in jobs], "results": str(results),
                                 "prelude": str(prelude) if prelude else None}))
-    launch = launcher.mpi(n, [str(REPO / "tests" / "mpi_jobs.py"), str(spec)], timeout,
-                          env=env(**(extra_env or {})), root=REPO, grace=0)
+    launch = launcher.mpi(n, [str(REPO / "tests" / "mpi_jobs.py"), str(spec)], timeout,  # mpiexec's own limit too
+                          env=env(**{**(extra_env or {}), "MPIEXEC_TIMEOUT": str(int(timeout))}), root=REPO, grace=0)
     out = []
     for i, argv in enumerate(jobs):
         codes = [(results / f"{i}.{r}.code").read_text().split() if (results / f"{i}.{r}.code").exists() else None
@@ -131,7 +133,7 @@ def run_jobs(tmp_path_factory, jobs: dict[str, tuple[int, list[str]]], extra_env
         for ranks in sorted({r for r, _ in jobs.values()}):
             names = [name for name, (r, _) in jobs.items() if r == ranks]
             done = mpijobs(ranks, *[["train", *sets(jobs[n][1] + [f'run.out_dir="{out[n]}"'])] for n in names],
-                           timeout=150 + 30 * len(names), extra_env=extra_env)
+                           extra_env=extra_env)
             for name, proc in zip(names, done):
                 procs[name] = ok(proc)
     return Runs(out, procs)

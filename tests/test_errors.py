@@ -68,7 +68,7 @@ def refused(tmp_path_factory):
                 (where / "scratch").mkdir(parents=True, exist_ok=True)
                 argvs.append(["train", *table[name][2], "--set", f'run.out_dir="{where}/out"',
                               "--set", f'run.scratch_dir="{where / "scratch"}"'])
-            for name, proc in zip(names, mpijobs(ranks, *argvs, timeout=60 + 20 * len(names), extra_env=dict(env))):
+            for name, proc in zip(names, mpijobs(ranks, *argvs, extra_env=dict(env))):
                 done[name] = (tmp / name, proc)
         return done
 

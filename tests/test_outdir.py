@@ -374,8 +374,7 @@ def test_a_second_run_is_refused_until_overwrite(tmp_path, tiny_run):
     assert tiny_run.settings == JOB
     out, other = tiny_run.copy(tmp_path / "run"), tiny_run.copy(tmp_path / "other")
     before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "model.pt", "config.toml")}
-    again, overwritten = mpijobs(3, job(out, settings=["run.seed=1"]), job(other, "--overwrite", settings=["run.seed=1"]),
-                                 timeout=90)
+    again, overwritten = mpijobs(3, job(out, settings=["run.seed=1"]), job(other, "--overwrite", settings=["run.seed=1"]))
     refused(again, f"{out} holds the results of an earlier run")
     assert "pass --resume to continue it or --overwrite to replace them (or set run.out_dir)" in again.stderr
     assert {name: (out / name).read_bytes() for name in before} == before  # untouched, byte for byte
@@ -393,8 +392,7 @@ def test_a_file_as_out_dir_or_a_later_set_up_error_leaves_nothing(tmp_path):
     # and: prepare succeeds, then the data set is missing: the job ends without an empty out_dir or a lock
     out, empty = tmp_path / "out", tmp_path / "no-data"
     empty.mkdir()
-    as_file, no_data = mpijobs(3, job(f), job(out, settings=['data.dataset="fashion-mnist"', f'data.dir="{empty}"']),
-                               timeout=90)
+    as_file, no_data = mpijobs(3, job(f), job(out, settings=['data.dataset="fashion-mnist"', f'data.dir="{empty}"']))
     refused(as_file, f"output directory {f} is a regular file; set run.out_dir")
     assert f.read_text() == "keep me"
     refused(no_data, "lacks")

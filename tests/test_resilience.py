@@ -198,7 +198,7 @@ def nonfinite(tmp_path_factory):
         outs = {name: tmp / name for name in jobs}
         procs = mpijobs(4, *[["train", *sets(settings + [f'run.out_dir="{outs[name]}"'])]
                              for name, settings in jobs.items()],
-                        prelude=Path(__file__).with_name("mpi_nan_check.py"), timeout=150)
+                        prelude=Path(__file__).with_name("mpi_nan_check.py"))
         return {name: (outs[name], proc) for name, proc in zip(jobs, procs)}
 
 

@@ -75,7 +75,7 @@ def runs(tmp_path, ranks: int, jobs: dict[str, list[str]]) -> dict[str, dict]:
     (conftest.mpijobs); name -> its model and metrics rows."""
     outs = {name: tmp_path / name for name in jobs}
     for proc in mpijobs(ranks, *[["train", *sets(TINY + settings + [f'run.out_dir="{outs[name]}"'])]
-                                 for name, settings in jobs.items()], timeout=150 + 30 * len(jobs)):
+                                 for name, settings in jobs.items()]):
         ok(proc)
     return {name: {"model": load_model(out), "rows": metrics(out)} for name, out in outs.items()}
 
