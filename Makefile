@@ -36,7 +36,7 @@ baseline: setup
 	$(BIN)/mpi-sfl baseline --set run.out_dir=\"runs/baseline\" --overwrite $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 # The quick tier: the in-process tests and those marked quick (one real mpiexec job per variant).
 check: setup
