@@ -1,4 +1,5 @@
 # Two commands:  make run  (set up, then the default training job)   make test  (set up, then the suite)
+# make check: the quick tier of the suite (about a minute)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,7 +7,7 @@ NP      ?= 4
 MPIEXEC := $(BIN)/mpiexec
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup data run baseline test bench clean
+.PHONY: setup data run baseline test check bench clean
 
 setup: $(STAMP) data
 
@@ -35,7 +36,11 @@ baseline: setup
 	$(BIN)/mpi-sfl baseline --set run.out_dir=\"runs/baseline\" --overwrite $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+
+# The quick tier: the in-process tests and those marked quick (one real mpiexec job per variant).
+check: setup
+	$(BIN)/python -m pytest -q --durations=10 -m "quick or not mpi" $(PYTEST_ARGS)
 
 # Every benchmark suite, quick settings (drop --quick for the real measurement): runs/bench/*.json
 bench: setup

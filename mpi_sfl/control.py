@@ -43,7 +43,10 @@ _signal: str | None = None  # the first stop signal this process received
 
 def install_handlers() -> None:
     """SIGTERM/SIGINT/SIGUSR1 ask for a stop at the next step boundary instead of killing
-    (installed first thing, so a signal during set-up is not lost)."""
+    (installed first thing, so a signal during set-up is not lost). A fresh start: no signal
+    received yet (a process that runs several jobs in turn, tests/mpi_jobs.py, starts each clean)."""
+    global _signal
+    _signal = None
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
 

@@ -1,11 +1,16 @@
 """Helpers to launch real MPI jobs from serial pytest tests, with hard time limits (mpi_sfl.launcher)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +29,24 @@ TINY = ["data.dataset=\"synthetic\"", "data.train_samples=240", "data.test_sampl
         "run.progress=\"none\"", "run.threads=1"]
 
 
+# -- the quick tier -------------------------------------------------------------------------------
+# A test that launches a job (mpiexec, or a process of its own) is marked `mpi`; `make check` runs
+# the tests marked `quick` (one real job per variant among them) and every test not marked `mpi`.
+# The launch helpers below refuse to start a job for a test without the marker, so an unmarked
+# launching test cannot slip into the quick tier.
+_current: list = [None]  # the test being set up or run
+
+
+def pytest_runtest_setup(item):
+    _current[0] = item
+
+
+def launching() -> None:
+    item = _current[0]
+    assert item is None or item.get_closest_marker("mpi"), (
+        f"{item.nodeid} launches a job: mark it @pytest.mark.mpi (or the module: pytestmark = pytest.mark.mpi)")
+
+
 def sets(items) -> list[str]:
     out = []
     for item in items:
@@ -38,20 +61,120 @@ def env(**extra: str) -> dict:
 
 def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`mpiexec -n n python -m mpi4py -m mpi_sfl args...`; a hang fails the test instead of CI."""
+    launching()
     return launcher.mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
 
 
 def start(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.Popen:
     """`mpirun` that returns at once: the running mpiexec, to signal or to watch."""
+    launching()
     return launcher.start_mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO)
 
 
 def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    launching()
     return launcher.mpi(n, [str(script), *args], timeout, env=env(), root=REPO, grace=0)
 
 
-def baseline(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def mpijobs(n: int, *jobs: list[str], timeout: float | None = None, prelude: Path | None = None,
+            extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Several jobs (each an `mpi-sfl` argv: ["train", "--set", ...]) one after another in ONE
+    `mpiexec -n n` launch (tests/mpi_jobs.py): torch is imported once for all of them. One
+    CompletedProcess per job: its exit code (every rank's must agree), its ranks' stdout and stderr
+    (rank 0's first). A job after a crash or a hang did not run: returncode None, and the launch's
+    output in its stderr. `timeout` bounds the whole launch (default: 120 s and 60 s per job, what a
+    job takes on a loaded 2-core machine with room to spare; a deadlock still ends the launch)."""
+    launching()
+    timeout = 120 + 60 * len(jobs) if timeout is None else timeout
+    results = Path(tempfile.mkdtemp(prefix="mpijobs-"))
+    spec = results / "spec.json"
+    spec.write_text(json.dumps({"jobs": [list(j) for j in jobs], "results": str(results),
+                                "prelude": str(prelude) if prelude else None}))
+    launch = launcher.mpi(n, [str(REPO / "tests" / "mpi_jobs.py"), str(spec)], timeout,  # mpiexec's own limit too
+                          env=env(**{**(extra_env or {}), "MPIEXEC_TIMEOUT": str(int(timeout))}), root=REPO, grace=0)
+    out = []
+    for i, argv in enumerate(jobs):
+        codes = [(results / f"{i}.{r}.code").read_text().split() if (results / f"{i}.{r}.code").exists() else None
+                 for r in range(n)]
+        text = {k: "".join((results / f"{i}.{r}.{k}").read_text() for r in range(n)
+                           if (results / f"{i}.{r}.{k}").exists()) for k in ("out", "err")}
+        if None in codes:
+            text["err"] += f"\n[job {i} did not finish; the launch ended with exit {launch.returncode}]\n" \
+                                 f"{launch.stdout[-3000:]}\n{launch.stderr[-5000:]}"
+            code = None
+        else:
+            assert len({c for c, _ in codes}) == 1, f"job {i}: the ranks exited with different codes {codes}\n{text['err'][-3000:]}"
+            code = int(codes[0][0])
+        done = subprocess.CompletedProcess(list(argv), code, text["out"], text["err"])
+        done.seconds = max(float(c[1]) for c in codes) if code is not None else None  # the job's own, start-up excluded
+        out.append(done)
+    return out
+
+
+class Runs:
+    """Finished SFL jobs that a module's tests read (see `run_jobs`): `out[name]` is a job's run.out_dir."""
+
+    def __init__(self, out: dict[str, Path], procs: dict[str, subprocess.CompletedProcess]):
+        self.out, self.procs = out, procs
+
+    def into(self, name: str, dest: Path) -> Path:
+        """A copy of job `name`'s outputs in `dest` (made if need be), for a test that reads its
+        run from its own directory."""
+        shutil.copytree(self.out[name], dest, dirs_exist_ok=True)
+        return dest
+
+
+def run_jobs(tmp_path_factory, jobs: dict[str, tuple[int, list[str]]], extra_env: dict | None = None) -> Runs:
+    """Every `train` job of `jobs` (name -> (ranks, settings)), each into its own run.out_dir, all
+    jobs with the same -n one after another in ONE launch (mpijobs); every one must succeed. For a
+    module's fixture: the jobs run once, before its first test, and each test checks its own."""
+    with private_tmpdir(tmp_path_factory) as tmp:
+        out = {name: tmp / name.replace("/", "-") for name in jobs}
+        procs = {}
+        for ranks in sorted({r for r, _ in jobs.values()}):
+            names = [name for name, (r, _) in jobs.items() if r == ranks]
+            done = mpijobs(ranks, *[["train", *sets(jobs[n][1] + [f'run.out_dir="{out[n]}"'])] for n in names],
+                           extra_env=extra_env)
+            for name, proc in zip(names, done):
+                procs[name] = ok(proc)
+    return Runs(out, procs)
+
+
+def baseline_process(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m mpi_sfl baseline ARGS` as its own process (the command line itself)."""
+    launching()
     return launcher.python(["-m", "mpi_sfl", "baseline", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
+
+
+def baseline(*args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mpi-sfl baseline ARGS` run in this process (mpi_sfl.cli.main: the same code as the command,
+    which is one process and never touches MPI) instead of a new interpreter that imports torch again.
+    Its output is captured, its exit code returned as a CompletedProcess's; it runs under a SIGALRM
+    limit of `timeout` seconds. extra_env's PYTHONPATH entries go on sys.path for the run (user models)."""
+    from mpi_sfl import cli
+    out, err = io.StringIO(), io.StringIO()
+    paths = [p for p in (extra_env or {}).get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    threads = torch.get_num_threads()
+
+    def too_long(signum, frame):
+        raise TimeoutError(f"baseline ran past its {timeout} s limit")
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    sys.path[:0] = paths
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(["baseline", *args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        for p in paths:
+            sys.path.remove(p)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["mpi-sfl", "baseline", *args], code, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -149,6 +272,32 @@ def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], bound: float, 
     assert diff < bound, f"{what}: differs by {diff}, more than the round-off bound {bound}"
     return diff
 
+class TinyRun:
+    """A finished SFL job: TINY with 2 logical clients on `mpiexec -n 3` (fed server, split server,
+    one client rank), 2 rounds, written to `out`. Read it as is; `copy` it to change it."""
+    settings = TINY + ["train.clients=2"]
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def copy(self, dest: Path) -> Path:
+        """The run's files in `dest`, its config.toml naming `dest` as run.out_dir: what the same job
+        with run.out_dir = dest would have left."""
+        shutil.copytree(self.out, dest)
+        toml = dest / "config.toml"
+        toml.write_text(toml.read_text().replace(json.dumps(str(self.out)), json.dumps(str(dest))))
+        return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One launch for the session; tests that need a finished small run to resume, refuse or
+    overwrite start from a copy of it (test_resilience, test_run, test_outdir)."""
+    with private_tmpdir(tmp_path_factory):
+        out = tmp_path_factory.mktemp("tiny_run") / "run"
+        ok(mpirun(3, "train", *sets(TinyRun.settings + [f'run.out_dir="{out}"'])))
+    return TinyRun(out)
+
 
 @pytest.fixture
 def tmp_out(tmp_path):
@@ -156,14 +305,24 @@ def tmp_out(tmp_path):
 
 
 # -- nothing left behind ----------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _private_tmpdir(tmp_path_factory, monkeypatch):
-    """Each test's temporary directory (TMPDIR for its jobs, tempfile's for itself) is a fresh one
-    under pytest's base temp, not /tmp: what lands there (a killed split server's scratch dir, a
-    benchmark's work dir) goes when pytest prunes its old base temps, and nothing reaches /tmp."""
+@contextlib.contextmanager
+def private_tmpdir(tmp_path_factory):
+    """A fresh temporary directory (TMPDIR for jobs, tempfile's for this process) under pytest's base
+    temp, not /tmp: what lands there (a killed split server's scratch dir, a benchmark's work dir)
+    goes when pytest prunes its old base temps, and nothing reaches /tmp. For the fixtures that run
+    jobs for a whole module or session (set up before a test's own _private_tmpdir)."""
     tmp = tmp_path_factory.mktemp("tmpdir")
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp))
+        mp.setattr(tempfile, "tempdir", str(tmp))
+        yield tmp
+
+
+@pytest.fixture(autouse=True)
+def _private_tmpdir(tmp_path_factory):
+    """Each test's temporary directory is a fresh one (private_tmpdir)."""
+    with private_tmpdir(tmp_path_factory) as tmp:
+        yield tmp
 
 
 LITTER_OK = re.compile(r"(^|/)(__pycache__|\.pytest_cache|[^/]*\.egg-info)(/|$)")

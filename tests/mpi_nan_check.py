@@ -1,12 +1,8 @@
-"""Run under mpiexec -n 4 python -m mpi4py: logical client 0's batch in round 2, step 3 is NaN.
-
-Usage: mpi_nan_check.py OUT_DIR stop|skip [SETTING ...]   (train.on_nonfinite, then more config settings)
-"""
-import sys
-
+"""A prelude for tests/mpi_jobs.py (test_resilience.py's `nonfinite` launch): from here on,
+logical client 0's batch in round 2, step 3 is NaN, in every job the launch runs after it."""
 import torch
 
-from mpi_sfl import client, train
+from mpi_sfl import client
 
 real_batch = client.ClientRank.batch
 
@@ -19,7 +15,3 @@ def poisoned_batch(self, plan, cid, step):
 
 
 client.ClientRank.batch = poisoned_batch
-out, mode = sys.argv[1], sys.argv[2]
-train.main(None, ['data.dataset="synthetic"', "data.train_samples=960", "data.test_samples=100",
-                  "train.rounds=3", "train.batch_size=16", "train.clients=3", 'run.progress="none"',
-                  "run.threads=1", f'train.on_nonfinite="{mode}"', f'run.out_dir="{out}"'] + sys.argv[3:])

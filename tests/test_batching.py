@@ -8,24 +8,45 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY, baseline, close, load_model, metrics, mpirun, ok, roundoff_bound, sets
+from conftest import TINY, baseline, close, load_model, metrics, ok, roundoff_bound, run_jobs, sets
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
+
 COMMON = TINY + ["train.clients=5", "train.aggregate_every=1", "train.momentum=0.9", "train.batch_size=8"]
 SPLITS = {"u": ['model.split="u"'], "u-frozen": ['model.split="u"', "model.freeze_encoder=true"],
           "label-sharing": ['model.split="label-sharing"']}
 STEPS = 240 // 5 // 8  # each client's shard in batches of 8: 6 steps a round, 5 batches each
 
 
-def train(tmp_path, name: str, ranks: int, settings: list[str]) -> tuple[dict, list[dict]]:
-    out = tmp_path / name
-    ok(mpirun(ranks, "train", *sets(settings + ['sfl.state="file"', f'run.out_dir="{out}"'])))
+MODES = ("off", "rank", "step")
+TWO = COMMON + ['model.name="mlp"']
+DROPOUT = TINY + ["train.clients=3", 'model.name="cnn"', "train.rounds=1", 'sfl.batch_clients="step"']
+
+
+def split_common(split: str) -> list[str]:
+    return COMMON + ['model.name="lenet5"' if split == "u-frozen" else 'model.name="mlp"'] + SPLITS[split]
+
+
+@pytest.fixture(scope="module")
+def sfl(tmp_path_factory):
+    """Every SFL job of this module (file state), those with the same -n in one launch (conftest.run_jobs)."""
+    jobs = {f"{split}/{mode}": (4, split_common(split) + [f'sfl.batch_clients="{mode}"'])
+            for split in SPLITS for mode in MODES}
+    jobs |= {"two": (5, TWO + ['sfl.batch_clients="step"', "sfl.servers=2"]), "cnn": (4, DROPOUT)}
+    return run_jobs(tmp_path_factory, {k: (r, v + ['sfl.state="file"']) for k, (r, v) in jobs.items()})
+
+
+def train(tmp_path, name: str, key: str, sfl) -> tuple[dict, list[dict]]:
+    """Job `key`'s model and metrics rows (its outputs copied to tmp_path/name)."""
+    out = sfl.into(key, tmp_path / name)
     return load_model(out), metrics(out)
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
-def test_batched_step_is_the_unbatched_step(split, tmp_path):
+def test_batched_step_is_the_unbatched_step(split, tmp_path, sfl):
     """5 logical clients on 2 client ranks (3 + 2), one split server."""
-    common = COMMON + ['model.name="lenet5"' if split == "u-frozen" else 'model.name="mlp"'] + SPLITS[split]
-    runs = {mode: train(tmp_path, mode, 4, common + [f'sfl.batch_clients="{mode}"']) for mode in ("off", "rank", "step")}
+    common = split_common(split)
+    runs = {mode: train(tmp_path, mode, f"{split}/{mode}", sfl) for mode in MODES}
     ok(baseline(*sets(common + [f'run.out_dir="{tmp_path / "base"}"'])))
     ref = load_model(tmp_path / "base")
     passes = {mode: [r["server_passes"] for r in rows] for mode, (_, rows) in runs.items()}
@@ -37,10 +58,10 @@ def test_batched_step_is_the_unbatched_step(split, tmp_path):
         close(model, ref, bound, f"batching {split}: {mode} vs baseline")
 
 
-def test_two_split_servers_batch_their_own_clients(tmp_path):
+def test_two_split_servers_batch_their_own_clients(tmp_path, sfl):
     """With 2 split servers, each batches the step's clients of its own client rank."""
-    common = COMMON + ['model.name="mlp"']
-    model, rows = train(tmp_path, "two", 5, common + ['sfl.batch_clients="step"', "sfl.servers=2"])
+    common = TWO
+    model, rows = train(tmp_path, "two", "two", sfl)
     ok(baseline(*sets(common + [f'run.out_dir="{tmp_path / "base"}"'])))
     assert [r["server_passes"] for r in rows] == [STEPS * 2] * 2
     ref = load_model(tmp_path / "base")
@@ -48,8 +69,7 @@ def test_two_split_servers_batch_their_own_clients(tmp_path):
           "batching 2 servers: step vs baseline")
 
 
-def test_a_dropout_body_is_not_batched(tmp_path):
+def test_a_dropout_body_is_not_batched(tmp_path, sfl):
     """cnn's server part has dropout, whose masks are drawn per client batch: one pass a batch."""
-    _, rows = train(tmp_path, "cnn", 4, TINY + ["train.clients=3", 'model.name="cnn"', "train.rounds=1",
-                                              'sfl.batch_clients="step"'])
+    _, rows = train(tmp_path, "cnn", "cnn", sfl)
     assert [r["server_passes"] for r in rows] == [3 * (240 // 3 // 16)]

@@ -14,6 +14,8 @@ import pytest
 
 from mpi_sfl import launcher
 
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
+
 REPO = Path(__file__).resolve().parents[1]
 
 FIELDS = {

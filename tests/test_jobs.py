@@ -1,7 +1,7 @@
 """jobs/train.sbatch under a stand-in Slurm: the time-limit signal ends in a checkpoint and a
 requeue, and the requeued run continues with --resume by itself.
 
-`srun` is replaced by a script that runs mpiexec -n 4 and `scontrol` by one that records its
+`srun` is replaced by a script that runs mpiexec -n 3 and `scontrol` by one that records its
 arguments; the batch script itself runs unchanged except for its settings line.
 """
 from __future__ import annotations
@@ -13,8 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import MPIEXEC, REPO, env
 from test_resilience import has_rows, wait_for
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 SETTINGS = ('--set train.rounds=8 --set data.dataset=\\"synthetic\\" --set data.train_samples=960 '
             '--set train.clients=3 --set run.progress=\\"none\\"')
@@ -24,7 +28,7 @@ def test_train_sbatch_checkpoints_requeues_and_resumes(tmp_path):
     bin_dir, submit = tmp_path / "bin", tmp_path / "submit"
     bin_dir.mkdir()
     submit.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\nshift\nexec {MPIEXEC} -n 4 "$@"\n')
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nshift\nexec {MPIEXEC} -n 3 "$@"\n')
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/scontrol.log\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)

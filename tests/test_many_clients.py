@@ -11,10 +11,11 @@
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, baseline, close, load_model, max_diff, metrics, mpirun, ok, roundoff_bound, sets
+from conftest import TINY, baseline, close, load_model, max_diff, metrics, mpijobs, ok, private_tmpdir, roundoff_bound, sets
 from mpi_sfl import slots
 from mpi_sfl.aggregation import flatten_params
 
@@ -92,11 +93,24 @@ def test_a_checkpoint_of_the_pool_restores_held_copies_and_kept_momentum():
 
 
 COMMON = TINY + ["train.clients=3", "train.momentum=0.9", "train.aggregate_every=1"]
+THOUSAND = TINY + ["data.train_samples=2000", "train.clients=1000", "train.clients_per_round=6", "train.batch_size=2",
+                   "sfl.variant=\"v1\"", "sfl.aggregator=\"median\"", "train.momentum=0.9", "train.rounds=3"]
 
 
-def test_reset_is_plain_sgd_on_the_client_side(tmp_path):
-    out = tmp_path / "reset"
-    ok(mpirun(4, "train", *sets(COMMON + ["train.client_optimizer=\"reset\"", f'run.out_dir="{out}"'])))
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The module's two SFL jobs, one launch of 4 ranks: "reset" (COMMON, client_optimizer = reset)
+    and "many" (THOUSAND); name -> out_dir."""
+    with private_tmpdir(tmp_path_factory) as tmp:
+        outs = {"reset": (tmp / "reset", COMMON + ["train.client_optimizer=\"reset\""]), "many": (tmp / "many", THOUSAND)}
+        for proc in mpijobs(4, *[["train", *sets(settings + [f'run.out_dir="{out}"'])] for out, settings in outs.values()]):
+            ok(proc)
+        return {name: out for name, (out, _) in outs.items()}
+
+
+@pytest.mark.mpi
+def test_reset_is_plain_sgd_on_the_client_side(tmp_path, runs):
+    out = runs["reset"]
     ref = tmp_path / "baseline"
     ok(baseline(str(out / "config.toml"), *sets([f'run.out_dir="{ref}"'])))
     bound = roundoff_bound(tmp_path, load_model(ref), str(out / "config.toml"), (), "reset: nudged baseline")
@@ -106,13 +120,9 @@ def test_reset_is_plain_sgd_on_the_client_side(tmp_path):
     assert max_diff(load_model(out), load_model(kept)) > 10 * bound
 
 
-def test_a_thousand_clients_build_only_the_copies_that_train(tmp_path):
-    out = tmp_path / "many"
-    ok(mpirun(4, "train", *sets(TINY + [
-        "data.train_samples=2000", "train.clients=1000", "train.clients_per_round=6", "train.batch_size=2",
-        "sfl.variant=\"v1\"", "sfl.aggregator=\"median\"", "train.momentum=0.9", "train.rounds=3",
-        f'run.out_dir="{out}"'])))
-    rows = metrics(out)
+@pytest.mark.mpi
+def test_a_thousand_clients_build_only_the_copies_that_train(runs):
+    rows = metrics(runs["many"])
     assert [r["clients_trained"] for r in rows] == [6, 6, 6]
     # at most 6 train at once on a rank (the 1000 split 500/500); without the pool it is 500 per rank
     assert 1 <= rows[-1]["working_copies"]["client"] <= 6

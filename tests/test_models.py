@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, TINY, baseline, close, load_model, mpirun, ok, roundoff_bound, sets
+from conftest import REPO, TINY, baseline, close, load_model, mpirun, ok, roundoff_bound, run_jobs, sets
 from mpi_sfl import models
 from mpi_sfl.errors import UserError
 from mpi_sfl.state import make_scratch, make_state
@@ -109,11 +109,31 @@ def test_recompute_under_running_buffers_updates_them_once(tmp_path, user_path, 
 
 
 # -- through mpiexec ---------------------------------------------------------------------------
-def sfl(tmp_path, name: str, ranks: int, settings: list[str]) -> dict:
-    out = tmp_path / name
-    proc = ok(mpirun(ranks, "train", *sets(TINY + ["train.clients=3"] + settings + [f'run.out_dir="{out}"']),
-                     extra_env=USER_ENV))
-    return {"out": out, "model": load_model(out), "stderr": proc.stderr}
+USER_RUN = BN + ["train.aggregate_every=1", "sfl.state=\"file\"", "run.progress=\"lines\""]
+BN_CASES = {
+    "sync-label-graph": (4, ["sfl.variant=\"sync\"", "model.split=\"label-sharing\"", "sfl.state=\"graph\"",
+                             "sfl.aggregation=\"decentralized\""]),
+    "v1-2servers": (5, ["sfl.variant=\"v1\"", "sfl.servers=2", "sfl.state=\"memory\""]),
+    "v2-one-client": (3, ["sfl.variant=\"v2\"", "train.clients=1", "train.momentum=0.9", "sfl.state=\"file\""]),
+    "sl": (4, ["sfl.variant=\"sl\"", "train.momentum=0.9", "sfl.state=\"memory\""]),
+    "fl": (3, ["sfl.variant=\"fl\"", "sfl.servers=0", "sfl.aggregation=\"decentralized\""]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The module's SFL jobs (TINY, 3 logical clients, the user model directory on PYTHONPATH), those
+    with the same -n in one launch (conftest.run_jobs): "user" (USER_RUN on 4 ranks) and each BN_CASES."""
+    jobs = {"user": (4, USER_RUN)} | {name: (ranks, BN + ["train.aggregate_every=1"] + settings)
+                                      for name, (ranks, settings) in BN_CASES.items()}
+    return run_jobs(tmp_path_factory, {name: (ranks, TINY + ["train.clients=3"] + settings)
+                                       for name, (ranks, settings) in jobs.items()}, extra_env=USER_ENV)
+
+
+def sfl(tmp_path, name: str, key: str, runs) -> dict:
+    """Job `key`'s outputs (copied to tmp_path/name), model and stderr."""
+    out = runs.into(key, tmp_path / name)
+    return {"out": out, "model": load_model(out), "stderr": runs.procs[key].stderr}
 
 
 def reference(tmp_path, run: dict) -> dict:
@@ -131,10 +151,11 @@ def matches(tmp_path, run: dict, what: str) -> dict:
     return ref
 
 
-def test_a_user_model_with_batchnorm_trains_end_to_end_and_equals_the_baseline(tmp_path, user_path):
+@pytest.mark.mpi
+def test_a_user_model_with_batchnorm_trains_end_to_end_and_equals_the_baseline(tmp_path, runs, user_path):
     """The user's function from a directory outside the package, BatchNorm in every part, dropout in
     the body, file state: with per-step averaging SFL is the baseline (running statistics included)."""
-    run = sfl(tmp_path, "user", 4, BN + ["train.aggregate_every=1", "sfl.state=\"file\"", "run.progress=\"lines\""])
+    run = sfl(tmp_path, "user", "user", runs)
     assert "[mpi-sfl] model bn_models:bn_cnn (u split): parameters encoder 96 |" in run["stderr"]
     ref = matches(tmp_path, run, "user bn_cnn")
     assert run["model"]["encoder.1.num_batches_tracked"].dtype == torch.int64
@@ -142,21 +163,16 @@ def test_a_user_model_with_batchnorm_trains_end_to_end_and_equals_the_baseline(t
     assert float(run["model"]["head.11.running_var"].sub(1).abs().max()) > 1e-3  # the statistics moved
 
 
-@pytest.mark.parametrize("case", [
-    (4, ["sfl.variant=\"sync\"", "model.split=\"label-sharing\"", "sfl.state=\"graph\"", "sfl.aggregation=\"decentralized\""]),
-    (5, ["sfl.variant=\"v1\"", "sfl.servers=2", "sfl.state=\"memory\""]),
-    (3, ["sfl.variant=\"v2\"", "train.clients=1", "train.momentum=0.9", "sfl.state=\"file\""]),
-    (4, ["sfl.variant=\"sl\"", "train.momentum=0.9", "sfl.state=\"memory\""]),
-    (3, ["sfl.variant=\"fl\"", "sfl.servers=0", "sfl.aggregation=\"decentralized\""]),
-], ids=["sync-label-graph", "v1-2servers", "v2-one-client", "sl", "fl"])
-def test_batchnorm_keeps_each_variants_defining_property(tmp_path, case, user_path):
-    ranks, settings = case
-    run = sfl(tmp_path, "bn", ranks, BN + ["train.aggregate_every=1"] + settings)
-    matches(tmp_path, run, f"bn {settings[0]}")
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", list(BN_CASES))
+def test_batchnorm_keeps_each_variants_defining_property(tmp_path, case, runs, user_path):
+    run = sfl(tmp_path, "bn", case, runs)
+    matches(tmp_path, run, f"bn {case}")
 
 
+@pytest.mark.mpi
 def test_a_user_model_that_does_not_chain_ends_the_job_at_set_up(tmp_path):
-    proc = mpirun(4, "train", *sets(TINY + ['model.name="bn_models:wrong_width"', f'run.out_dir="{tmp_path / "x"}"']),
+    proc = mpirun(3, "train", *sets(TINY + ['model.name="bn_models:wrong_width"', f'run.out_dir="{tmp_path / "x"}"']),
                   timeout=60, extra_env=USER_ENV)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@ mpiexec, SFL with noise is still the baseline with the same seeded noise (its de
 and not the noiseless run."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import TINY, baseline, close, load_model, max_diff, mpirun, ok, roundoff_bound, sets
@@ -31,6 +32,7 @@ def test_distance_correlation_measures_dependence():
     assert distance_correlation(x, x + 10 * torch.randn(200, 10)) < distance_correlation(x, x + torch.randn(200, 10))
 
 
+@pytest.mark.mpi
 def test_sfl_with_noise_at_the_cut_is_the_baseline_with_the_same_noise(tmp_path):
     common = TINY + ["train.clients=3", "train.aggregate_every=1", "model.name=\"cnn\""]
     noisy = common + ["sfl.noise_std=0.5", "sfl.clip_norm=20.0"]

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import TINY, baseline, close, load_model, metrics, mpirun, ok, roundoff_bound, sets
+import pytest
+
+from conftest import TINY, baseline, close, load_model, metrics, mpijobs, ok, roundoff_bound, sets
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 
 
@@ -32,20 +36,22 @@ def test_train_on_an_npz_file_equals_the_baseline(tmp_path):
     common = TINY + ['data.dataset="npz"', f'data.path="{path}"', 'model.name="mlp"', "train.clients=3",
                      "train.aggregate_every=1"]
     out, base = tmp_path / "sfl", tmp_path / "base"
-    ok(mpirun(4, "train", *sets(common + [f'run.out_dir="{out}"'])))
+    bad = tmp_path / "nan.npz"
+    x = learnable_npz(bad, dtype=np.float32) / 255
+    x[7, 0, 3, 3] = np.nan
+    with np.load(bad) as f:
+        np.savez(bad, x_train=x, y_train=f["y_train"], x_test=f["x_test"], y_test=f["y_test"])
+    # both jobs in one launch: the training, then the refusal
+    trained, proc = mpijobs(4, ["train", *sets(common + [f'run.out_dir="{out}"'])],
+                            ["train", *sets(TINY + ['data.dataset="npz"', f'data.path="{bad}"', 'model.name="mlp"',
+                                                   f'run.out_dir="{tmp_path / "refused"}"'])])
+    ok(trained)
     ok(baseline(*sets(common + [f'run.out_dir="{base}"'])))
     ref = load_model(base)
     close(load_model(out), ref, roundoff_bound(tmp_path, ref, None, common, "npz: nudged baseline"), "npz: SFL vs baseline")
     rows = metrics(out)
     assert len(rows) == 2 and rows[-1]["test_accuracy"] > 0.2, rows[-1]  # chance: 0.1 (30 small steps)
 
-    bad = tmp_path / "nan.npz"
-    x = learnable_npz(bad, dtype=np.float32) / 255
-    x[7, 0, 3, 3] = np.nan
-    with np.load(bad) as f:
-        np.savez(bad, x_train=x, y_train=f["y_train"], x_test=f["x_test"], y_test=f["y_test"])
-    proc = mpirun(4, "train", *sets(TINY + ['data.dataset="npz"', f'data.path="{bad}"', 'model.name="mlp"',
-                                           f'run.out_dir="{tmp_path / "refused"}"']), timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("mpi-sfl: error:") == 1
     assert f"x_train in {bad} has non-finite values (NaN or inf), first in sample 7" in proc.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, mpirun, ok, sets
+from conftest import TINY, mpijobs, mpirun, ok, sets
 from mpi_sfl import config, outdir
 from mpi_sfl.errors import UserError
 from mpi_sfl.outdir import atomic_torch_save, atomic_write, prepare, release, strict_json
@@ -362,33 +362,44 @@ def refused(proc: subprocess.CompletedProcess, words: str) -> None:
     assert words in proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_second_run_is_refused_until_overwrite(tmp_path):
-    out = tmp_path / "run"
-    ok(train(out))
+def job(out: Path, *extra: str, settings: list[str] = ()) -> list[str]:
+    """The argv of `train` into `out`, for conftest.mpijobs (several jobs in one launch of 3 ranks)."""
+    return ["train", *sets(JOB + list(settings) + [f'run.out_dir="{out}"']), *extra]
+
+
+@pytest.mark.mpi
+def test_a_second_run_is_refused_until_overwrite(tmp_path, tiny_run):
+    """Into a finished run's dir (two copies of the session's tiny_run, which is this JOB, so both
+    jobs run in one launch): refused without --overwrite, its files untouched; replaced with it."""
+    assert tiny_run.settings == JOB
+    out, other = tiny_run.copy(tmp_path / "run"), tiny_run.copy(tmp_path / "other")
     before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "model.pt", "config.toml")}
-    again = train(out, settings=["run.seed=1"])
+    again, overwritten = mpijobs(3, job(out, settings=["run.seed=1"]), job(other, "--overwrite", settings=["run.seed=1"]))
     refused(again, f"{out} holds the results of an earlier run")
     assert "pass --resume to continue it or --overwrite to replace them (or set run.out_dir)" in again.stderr
     assert {name: (out / name).read_bytes() for name in before} == before  # untouched, byte for byte
-    ok(train(out, "--overwrite", settings=["run.seed=1"]))
-    assert (out / "model.pt").read_bytes() != before["model.pt"]
-    assert config.load(str(out / "config.toml")).run.seed == 1
-    assert sorted(os.listdir(out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "ranks.tsv",
+    ok(overwritten)
+    assert (other / "model.pt").read_bytes() != before["model.pt"]
+    assert config.load(str(other / "config.toml")).run.seed == 1
+    assert sorted(os.listdir(other)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "ranks.tsv",
                                        "summary.json"]  # lock released
 
 
+@pytest.mark.mpi
 def test_a_file_as_out_dir_or_a_later_set_up_error_leaves_nothing(tmp_path):
     f = tmp_path / "file"
     f.write_text("keep me")
-    refused(train(f), f"output directory {f} is a regular file; set run.out_dir")
-    assert f.read_text() == "keep me"
-    # prepare succeeds, then the data set is missing: the job ends without an empty out_dir or a lock
+    # and: prepare succeeds, then the data set is missing: the job ends without an empty out_dir or a lock
     out, empty = tmp_path / "out", tmp_path / "no-data"
     empty.mkdir()
-    refused(train(out, settings=['data.dataset="fashion-mnist"', f'data.dir="{empty}"']), "lacks")
+    as_file, no_data = mpijobs(3, job(f), job(out, settings=['data.dataset="fashion-mnist"', f'data.dir="{empty}"']))
+    refused(as_file, f"output directory {f} is a regular file; set run.out_dir")
+    assert f.read_text() == "keep me"
+    refused(no_data, "lacks")
     assert not out.exists()
 
 
+@pytest.mark.mpi
 def test_two_jobs_into_one_out_dir(tmp_path):
     """Started at once: one gets the lock and finishes; the other is refused naming the holder, and
     leaves the winner's files alone (rounds differ, so metrics.jsonl tells whose run it is)."""

@@ -37,6 +37,7 @@ def test_plot_errors_name_the_problem(tmp_path, capsys):
         plot.read_run(str(tmp_path / "empty"))
 
 
+@pytest.mark.mpi
 def test_a_run_reports_its_partition_and_plot_draws_it(tmp_path):
     """partition.json: each logical client's samples and label histogram, the partition the ranks
     trained on (recomputed here); `mpi-sfl plot` draws it as partition.png."""

@@ -1,7 +1,8 @@
 """Long jobs: stop signals, checkpoint and resume bit for bit, stuck and dead ranks, NaN, full disks.
 
 Every job here is a real mpiexec launch with a time limit; the signals are sent as Slurm and a
-user would send them (to mpiexec, or to one rank's pid from out_dir/ranks.tsv).
+user would send them (to mpiexec, or to one rank's pid from out_dir/ranks.tsv). Jobs that need no
+signal share a launch where they can (conftest.mpijobs: one after another in the same ranks).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, load_model, metrics, mpirun, mpiscript, ok, sets, start
+from conftest import TINY, load_model, metrics, mpijobs, mpirun, ok, private_tmpdir, sets, start
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 # Timing and memory fields differ between any two runs; everything else in a row must not.
 MEASURED = {"seconds", "phase_seconds", "peak_rss_mb", "held_mb"}
@@ -82,7 +85,6 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, variant):
     ranks, settings = VARIANTS[variant]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     args = ["train", *sets(RESUMABLE + settings)]
-    ok(mpirun(ranks, *args, "--set", f'run.out_dir="{straight}"'))
     proc = start(ranks, *args, "--set", f'run.out_dir="{stopped}"')
     wait_for(has_rows(stopped), 60, proc)
     proc.send_signal(signal.SIGTERM)
@@ -93,25 +95,32 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, variant):
     meta = json.loads((stopped / "checkpoint" / "meta.json").read_text())
     assert (meta["round"], meta["step"]) < (4, 0)  # it really stopped before the end
     assert len(metrics(stopped)) < 4
-    ok(mpirun(ranks, *args, "--set", f'run.out_dir="{stopped}"', "--resume"))
+    # the resumed run, then the uninterrupted one, in one launch
+    for job in mpijobs(ranks, [*args, "--set", f'run.out_dir="{stopped}"', "--resume"],
+                       [*args, "--set", f'run.out_dir="{straight}"']):
+        ok(job)
     a, b = load_model(straight), load_model(stopped)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert deterministic(metrics(straight)) == deterministic(metrics(stopped))
     assert len(metrics(stopped)) == 4
 
 
-def test_resume_refuses_a_changed_run_and_extends_a_finished_one(tmp_path):
-    out = tmp_path / "run"
-    base = TINY + ["train.clients=2", f'run.out_dir="{out}"']
-    ok(mpirun(3, "train", *sets(base)))
-    for extra, words, ranks in ((["train.lr=0.1"], "cannot resume: train.lr = 0.1 here but 0.05", 3),
-                                (["model.split=\"label-sharing\""], "cannot resume: model.split", 3),
-                                ([], "resume with mpiexec -n 3", 4),
-                                ([], "has finished its 2 rounds; raise train.rounds", 3)):
-        proc = mpirun(ranks, "train", *sets(base + extra), "--resume", timeout=60)
+def test_resume_refuses_a_changed_run_and_extends_a_finished_one(tmp_path, tiny_run):
+    """A finished 2-round run (the session's tiny_run, copied): --resume with another config or
+    another -n is refused (exit 2, one message), and so is resuming the finished run as is; with
+    train.rounds raised it trains the third round."""
+    out = tiny_run.copy(tmp_path / "run")
+    base = tiny_run.settings + [f'run.out_dir="{out}"']
+    refusals = ((["train.lr=0.1"], "cannot resume: train.lr = 0.1 here but 0.05"),
+                (["model.split=\"label-sharing\""], "cannot resume: model.split"),
+                ([], "has finished its 2 rounds; raise train.rounds"))
+    (other_n,) = mpijobs(4, ["train", *sets(base), "--resume"], timeout=60)
+    *refused, extended = mpijobs(3, *[["train", *sets(base + extra), "--resume"] for extra, _ in refusals],
+                                 ["train", *sets(base + ["train.rounds=3", 'run.progress="lines"']), "--resume"])
+    for proc, words in zip([other_n, *refused], ["resume with mpiexec -n 3"] + [w for _, w in refusals]):
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
-    ok(mpirun(3, "train", *sets(base + ["train.rounds=3", 'run.progress="lines"']), "--resume"))
+    ok(extended)
     assert [r["round"] for r in metrics(out)] == [0, 1, 2]
 
 
@@ -168,12 +177,36 @@ def test_a_killed_rank_ends_the_job_at_once(tmp_path):
 
 
 # -- non-finite training ----------------------------------------------------------------------------
-def test_divergence_stops_with_a_message_and_keeps_strict_json(tmp_path):
+NAN_MODELS = {"cnn": [],  # the default: one batch at a time on the split server (dropout)
+              # batched on the split server (sfl.batch_clients): the NaN batch's rows are left out
+              "mlp-u-batched": ['model.name="mlp"'],
+              "mlp-label-sharing-batched": ['model.name="mlp"', 'model.split="label-sharing"']}
+NAN_JOB = TINY + ["data.train_samples=960", "data.test_samples=100", "train.rounds=3", "train.clients=3",
+                  "train.momentum=0.9", "train.lr=0.02"]
+
+
+@pytest.fixture(scope="module")
+def nonfinite(tmp_path_factory):
+    """The non-finite jobs, one launch of 4 ranks: train.lr = 1e6 (diverges in round 1), then each
+    NaN_MODELS model with train.on_nonfinite = stop and skip, under tests/mpi_nan_check.py's patch
+    that makes logical client 0's batch in round 2, step 3 NaN (round 1, where the diverging job
+    ends, is untouched by it). {name: (out_dir, CompletedProcess)}."""
+    with private_tmpdir(tmp_path_factory) as tmp:
+        jobs = {"diverge": RESUMABLE + ["train.lr=1e6"]}
+        jobs |= {f"{mode}-{model}": NAN_JOB + [f'train.on_nonfinite="{mode}"'] + extra
+                 for model, extra in NAN_MODELS.items() for mode in ("stop", "skip")}
+        outs = {name: tmp / name for name in jobs}
+        procs = mpijobs(4, *[["train", *sets(settings + [f'run.out_dir="{outs[name]}"'])]
+                             for name, settings in jobs.items()],
+                        prelude=Path(__file__).with_name("mpi_nan_check.py"))
+        return {name: (outs[name], proc) for name, proc in zip(jobs, procs)}
+
+
+def test_divergence_stops_with_a_message_and_keeps_strict_json(nonfinite):
     """train.lr = 1e6: the run ends (exit 4) naming the round, step and logical client; no NaN
     reaches model.pt or metrics.jsonl. It diverges in round 1, so no round is good: the message
     says there is no model.pt (not that the last good round was kept)."""
-    out = tmp_path / "run"
-    proc = mpirun(4, "train", *sets(RESUMABLE + ["train.lr=1e6", f'run.out_dir="{out}"']), timeout=60)
+    out, proc = nonfinite["diverge"]
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert re.search(r"mpi-sfl: error: non-finite (loss|gradient)\S* in round 1, step \d+, logical client \d",
                      proc.stderr), proc.stderr[-2000:]
@@ -183,19 +216,12 @@ def test_divergence_stops_with_a_message_and_keeps_strict_json(tmp_path):
     assert strict_rows(out) == [] and not (out / "model.pt").exists() and not (out / "checkpoint").exists()
 
 
-NAN_MODELS = {"cnn": [],  # the default: one batch at a time on the split server (dropout)
-              # batched on the split server (sfl.batch_clients): the NaN batch's rows are left out
-              "mlp-u-batched": ['model.name="mlp"'],
-              "mlp-label-sharing-batched": ['model.name="mlp"', 'model.split="label-sharing"']}
-
-
 @pytest.mark.parametrize("model", list(NAN_MODELS))
 @pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_a_nan_batch_mid_run(tmp_path, mode, model):
+def test_a_nan_batch_mid_run(nonfinite, mode, model):
     """A NaN injected into one logical client's batch in round 2: `stop` ends the run naming that
     batch and keeps round 1's model; `skip` drops exactly that batch, counts it, and finishes."""
-    out = tmp_path / "run"
-    proc = mpiscript(4, Path(__file__).with_name("mpi_nan_check.py"), str(out), mode, *NAN_MODELS[model], timeout=90)
+    out, proc = nonfinite[f"{mode}-{model}"]
     rows = strict_rows(out)
     if mode == "stop":
         assert proc.returncode == 4, proc.stderr[-3000:]

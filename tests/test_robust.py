@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, baseline_here, close, load_model, metrics, mpirun, mpiscript, ok, roundoff_bound, sets
+from conftest import REPO, TINY, baseline_here, close, load_model, metrics, mpijobs, mpirun, mpiscript, ok, roundoff_bound, sets
 from mpi_sfl import config
 from mpi_sfl.aggregation import check_robust, krum_select, robust_combine
 from mpi_sfl.errors import UserError
@@ -55,51 +55,65 @@ def test_a_trim_that_cuts_everything_is_refused():
         config.load(overrides=["sfl.aggregator=\"trimmed-mean\"", "sfl.trim=0.5"])
 
 
+@pytest.fixture(scope="module")
+def gathered():
+    """tests/mpi_robust.py in one launch of 5 ranks, on communicators of 3, 4 and 5 of them in turn."""
+    return ok(mpiscript(5, REPO / "tests" / "mpi_robust.py", "150", "3,4,5"))
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [3, 4, 5])
-def test_gather_collectives_give_the_statistics_bits(n):
-    proc = ok(mpiscript(n, REPO / "tests" / "mpi_robust.py", "150"))
-    assert proc.stdout.count("same bits") == 4 * (2 * n - 1) and "DIFFERENT" not in proc.stdout
+def test_gather_collectives_give_the_statistics_bits(gathered, n):
+    assert f"summary n={n}: {4 * (2 * n - 1)} same bits, 0 different" in gathered.stdout, gathered.stdout[-3000:]
+    assert "DIFFERENT" not in gathered.stdout
 
 
-def run(tmp_path, name: str, ranks: int, settings: list[str]) -> dict:
-    out = tmp_path / name
-    ok(mpirun(ranks, "train", *sets(TINY + settings + [f'run.out_dir="{out}"'])))
-    return {"model": load_model(out), "rows": metrics(out)}
+def runs(tmp_path, ranks: int, jobs: dict[str, list[str]]) -> dict[str, dict]:
+    """Each named job (TINY + its settings) into tmp_path/name, all in one launch of `ranks`
+    (conftest.mpijobs); name -> its model and metrics rows."""
+    outs = {name: tmp_path / name for name in jobs}
+    for proc in mpijobs(ranks, *[["train", *sets(TINY + settings + [f'run.out_dir="{outs[name]}"'])]
+                                 for name, settings in jobs.items()]):
+        ok(proc)
+    return {name: {"model": load_model(out), "rows": metrics(out)} for name, out in outs.items()}
 
 
 def diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.mpi
 def test_robust_aggregators_on_two_equal_clients_are_the_mean(tmp_path):
     """Two clients with equal shards: their median and their untrimmed mean are their
     (sample-weighted) mean, for the client parts and for v1's server copies on 2 split servers."""
     common = ["train.clients=2", "sfl.variant=\"v1\"", "sfl.servers=2", "train.aggregate_every=2",
               "sfl.aggregation=\"decentralized\"", "model.name=\"cnn\""]
-    mean = run(tmp_path, "mean", 5, common)
+    three = [s for s in common if s != "train.clients=2"] + ["train.clients=3"]
+    r = runs(tmp_path, 5, {"mean": common, "median": common + ["sfl.aggregator=\"median\""],
+                           "trimmed": common + ["sfl.aggregator=\"trimmed-mean\"", "sfl.trim=0.0",
+                                                "sfl.aggregation=\"centralized\""],
+                           "median3": three + ["sfl.aggregator=\"median\""], "mean3": three})
     # The bound: the sensitivity of the same model, data and steps to round-off, measured on the
     # single-process baseline of this config (a proxy: no single process runs v1's averaging of two)
     bound = roundoff_bound(tmp_path, baseline_here(None, TINY + common, tmp_path / "base"), None, TINY + common,
                            "robust: nudged baseline")
-    for name, extra in (("median", ["sfl.aggregator=\"median\""]),
-                        ("trimmed", ["sfl.aggregator=\"trimmed-mean\"", "sfl.trim=0.0", "sfl.aggregation=\"centralized\""])):
-        close(run(tmp_path, name, 5, common + extra)["model"], mean["model"], bound, f"robust: {name} vs mean")
+    for name in ("median", "trimmed"):
+        close(r[name]["model"], r["mean"]["model"], bound, f"robust: {name} vs mean")
     # control: the median of three clients is not their mean
-    three = [s for s in common if s != "train.clients=2"] + ["train.clients=3"]
-    assert diff(run(tmp_path, "median3", 5, three + ["sfl.aggregator=\"median\""])["model"],
-                run(tmp_path, "mean3", 5, three)["model"]) > 10 * bound
+    assert diff(r["median3"]["model"], r["mean3"]["model"]) > 10 * bound
 
 
+@pytest.mark.mpi
 def test_attackers_wreck_the_mean_not_the_robust_aggregators(tmp_path):
     """fl on 6 logical clients, 2 of them sending 10x sign-flipped updates every round: the mean
     ends far from the honest model and loses its accuracy; median and Krum stay near it."""
     common = ["sfl.variant=\"fl\"", "sfl.servers=0", "train.clients=6", "model.name=\"mlp\"", "train.rounds=3",
               "data.train_samples=480"]
-    honest = run(tmp_path, "honest", 3, common)
     attack = common + ["train.attackers=2", "train.attack=\"sign-flip\""]
-    mean = run(tmp_path, "mean", 3, attack)
-    median = run(tmp_path, "median", 3, attack + ["sfl.aggregator=\"median\"", "sfl.aggregation=\"decentralized\""])
-    krum = run(tmp_path, "krum", 3, attack + ["sfl.aggregator=\"krum\"", "sfl.byzantine_f=2", "train.clients=7"])
+    r = runs(tmp_path, 3, {"honest": common, "mean": attack,
+                           "median": attack + ["sfl.aggregator=\"median\"", "sfl.aggregation=\"decentralized\""],
+                           "krum": attack + ["sfl.aggregator=\"krum\"", "sfl.byzantine_f=2", "train.clients=7"]})
+    honest, mean, median, krum = r["honest"], r["mean"], r["median"], r["krum"]
     acc = {k: r["rows"][-1]["test_accuracy"] for k, r in
            (("honest", honest), ("mean", mean), ("median", median), ("krum", krum))}
     assert acc["honest"] > 0.9 and acc["mean"] < 0.5, acc
@@ -108,8 +122,9 @@ def test_attackers_wreck_the_mean_not_the_robust_aggregators(tmp_path):
     assert diff(median["model"], honest["model"]) < far / 5, (far, acc)
 
 
+@pytest.mark.mpi
 def test_an_impossible_aggregator_ends_the_job_at_set_up(tmp_path):
-    proc = mpirun(4, "train", *sets(TINY + ["train.clients=4", "sfl.aggregator=\"krum\"", "sfl.byzantine_f=1",
+    proc = mpirun(3, "train", *sets(TINY + ["train.clients=4", "sfl.aggregator=\"krum\"", "sfl.byzantine_f=1",
                                             f'run.out_dir="{tmp_path / "x"}"']), timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("mpi-sfl: error:") == 1, proc.stderr[-2000:]
     assert "needs more than 4 logical clients per averaging; there are 4" in proc.stderr

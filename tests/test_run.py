@@ -10,8 +10,12 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY, baseline, load_model, metrics, mpirun, mpiscript, ok, sets
+import pytest
+
+from conftest import TINY, baseline, baseline_process, load_model, metrics, mpijobs, mpirun, mpiscript, ok, sets
 from mpi_sfl import config
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 
 def test_outputs_reproducibility_and_scratch(tmp_path):
@@ -45,11 +49,13 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
                        torch.cat([v.flatten() for v in load_model(runs[1]).values()]))
 
 
-def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory):
-    sfl_out = tmp_path_factory.mktemp("sfl")
-    ok(mpirun(3, "train", *sets(TINY + ["train.clients=2", f'run.out_dir="{sfl_out}"'])))
+def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory, tiny_run):
+    """`mpi-sfl baseline` on a finished SFL run's config.toml (a copy of the session's tiny_run):
+    refused into the SFL run's own dir (the command itself, its own process: exit 2, the SFL files
+    untouched); into another dir it writes the same kind of outputs, and --overwrite replaces them."""
+    sfl_out = tiny_run.copy(tmp_path_factory.mktemp("sfl") / "run")
     before = {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()}
-    refused = baseline(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
+    refused = baseline_process(str(sfl_out / "config.toml"))  # its out_dir is the SFL run's: refuse, keep it
     assert refused.returncode == 2 and f"{sfl_out} holds the results of an SFL run" in refused.stderr
     assert f"--set run.out_dir={sfl_out.parent / 'baseline'}" in refused.stderr  # never --overwrite the SFL run
     assert "--overwrite" not in refused.stderr and "--resume" not in refused.stderr
@@ -81,3 +87,31 @@ def test_a_crash_ends_the_job_and_keeps_finished_rounds(tmp_path):
     ok(mpirun(4, "train", *sets(TINY + ["train.clients=3", f'run.out_dir="{tmp_path / "again"}"',
                                        f'run.scratch_dir="{scratch}"'])))
     assert os.listdir(scratch) == []  # ...and the next run on this host removes it
+
+
+# -- the quick tier: one real job per variant -------------------------------------------------------
+VARIANT_SETTINGS = {"sync": [], "v1": ['sfl.variant="v1"'], "v2": ['sfl.variant="v2"'], "sl": ['sfl.variant="sl"'],
+                    "fl": ['sfl.variant="fl"', "sfl.servers=0"]}
+
+
+@pytest.mark.quick
+def test_every_variant_trains_end_to_end(tmp_path):
+    """One job per variant (sync, v1, v2, sl, fl), TINY with 2 logical clients and 1 round, one after
+    another in one launch of 3 ranks: each ends with exit 0 and writes its outputs: one metrics row
+    with a finite training loss and every client trained, bytes sent by exactly the roles the
+    variant has (fl: no split server), and a model.pt with the baseline's parameters (names, shapes)."""
+    outs = {v: tmp_path / v for v in VARIANT_SETTINGS}
+    procs = mpijobs(3, *[["train", *sets(TINY + ["train.clients=2", "train.rounds=1"] + settings
+                                         + [f'run.out_dir="{outs[v]}"'])] for v, settings in VARIANT_SETTINGS.items()])
+    ok(baseline(str(outs["sync"] / "config.toml"), "--set", f'run.out_dir="{tmp_path / "baseline"}"'))
+    ref = load_model(tmp_path / "baseline")
+    for (variant, out), proc in zip(outs.items(), procs):
+        ok(proc)
+        (row,) = metrics(out)
+        assert row["train_loss"] == row["train_loss"] and 0 < row["train_loss"] < 10, (variant, row)
+        assert row["clients_trained"] == 2, (variant, row)
+        roles = {"fed_server", "client"} | ({"split_server"} if variant != "fl" else set())
+        assert set(row["bytes_sent"]) == roles and row["bytes_sent"]["client"] > 0, (variant, row)
+        model = load_model(out)
+        assert {k: v.shape for k, v in model.items()} == {k: v.shape for k, v in ref.items()}, variant
+        assert json.loads((out / "summary.json").read_text())["variant"] == variant

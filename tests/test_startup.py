@@ -6,9 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from conftest import mpiscript, ok
 
 from mpi_sfl import startup
+
+pytestmark = pytest.mark.mpi  # it launches a job (conftest: the quick tier)
 
 
 def test_no_compiler_imports_and_startup_phases(tmp_out):

@@ -16,13 +16,30 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY, baseline, close, load_model, max_diff, metrics, mpirun, ok, record, roundoff_bound, sets
+from conftest import TINY, baseline, close, load_model, max_diff, metrics, ok, record, roundoff_bound, run_jobs, sets
+
+pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 COMMON = TINY + ["train.clients=3"]  # 3 logical clients on 2 client ranks (2 + 1) unless said otherwise
 
 
-def train(tmp_path, name: str, ranks: int, settings: list[str]) -> dict:
-    out = tmp_path / name
-    ok(mpirun(ranks, "train", *sets(COMMON + settings + [f'run.out_dir="{out}"'])))
+JOBS: dict[str, tuple[int, list[str]]] = {}  # every SFL job of this module: key -> (ranks, settings)
+
+
+def job(key: str, ranks: int, settings: list[str]) -> str:
+    """Declare an SFL job (COMMON + settings on `ranks`) that a test below reads; its key."""
+    JOBS[key] = (ranks, COMMON + settings)
+    return key
+
+
+@pytest.fixture(scope="module")
+def sfl(tmp_path_factory):
+    """Every job declared with `job`, those with the same -n in one launch (conftest.run_jobs)."""
+    return run_jobs(tmp_path_factory, JOBS)
+
+
+def train(tmp_path, name: str, key: str, sfl) -> dict:
+    """Job `key`'s outputs, copied to tmp_path/name."""
+    out = sfl.into(key, tmp_path / name)
     return {"out": out, "model": load_model(out)}
 
 
@@ -51,22 +68,30 @@ def differs(a: dict, b: dict, bound: float, what: str) -> None:
     assert diff > 10 * bound, f"{what}: only {diff} apart, bound {bound}"
 
 
-def test_v1_with_per_step_averaging_is_the_baseline(tmp_path):
+V1 = job("v1", 5, ["sfl.variant=\"v1\"", "train.aggregate_every=1", "model.name=\"cnn\"", "sfl.servers=2",
+                   "sfl.state=\"file\""])
+
+
+def test_v1_with_per_step_averaging_is_the_baseline(tmp_path, sfl):
     """Two split servers, each with copies for its clients, averaged across servers every step."""
-    run = train(tmp_path, "v1", 5, ["sfl.variant=\"v1\"", "train.aggregate_every=1", "model.name=\"cnn\"",
-                                    "sfl.servers=2", "sfl.state=\"file\""])
+    run = train(tmp_path, "v1", V1, sfl)
     matches(tmp_path, run, "v1 per-step")
 
 
-@pytest.mark.parametrize("case", [
-    ["model.name=\"cnn\"", "sfl.state=\"memory\"", "sfl.aggregation=\"decentralized\""],
-    ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"graph\"", "train.aggregate_every=4",
-     "train.client_optimizer=\"reset\""],
-], ids=["cnn-u-memory-decentral-per-round", "mlp-label-graph-central-every4-reset"])
-def test_v1_is_fl_with_the_model_cut(tmp_path, case):
-    both = ["train.momentum=0.9"] + case
-    v1 = train(tmp_path, "v1", 4, both + ["sfl.variant=\"v1\""])
-    fl = train(tmp_path, "fl", 3, both + ["sfl.variant=\"fl\"", "sfl.servers=0"])
+V1_FL = {"cnn-u-memory-decentral-per-round": ["model.name=\"cnn\"", "sfl.state=\"memory\"",
+                                               "sfl.aggregation=\"decentralized\""],
+         "mlp-label-graph-central-every4-reset": ["model.name=\"mlp\"", "model.split=\"label-sharing\"",
+                                                  "sfl.state=\"graph\"", "train.aggregate_every=4",
+                                                  "train.client_optimizer=\"reset\""]}
+for _case, _settings in V1_FL.items():
+    job(f"v1/{_case}", 4, ["train.momentum=0.9"] + _settings + ["sfl.variant=\"v1\""])
+    job(f"fl/{_case}", 3, ["train.momentum=0.9"] + _settings + ["sfl.variant=\"fl\"", "sfl.servers=0"])
+
+
+@pytest.mark.parametrize("case", list(V1_FL))
+def test_v1_is_fl_with_the_model_cut(tmp_path, case, sfl):
+    v1 = train(tmp_path, "v1", f"v1/{case}", sfl)
+    fl = train(tmp_path, "fl", f"fl/{case}", sfl)
     # The bound: the sensitivity of the same model, data and steps to round-off, measured on the
     # baseline of v1's config (large-batch SGD: a proxy for v1's own trajectory, which no single
     # process reproduces)
@@ -77,31 +102,41 @@ def test_v1_is_fl_with_the_model_cut(tmp_path, case):
     differs(v1["model"], ref, tol, "v1 is fl: v1 vs baseline (control)")
 
 
-def test_v2_with_one_client_is_the_baseline(tmp_path):
-    run = train(tmp_path, "v2", 3, ["sfl.variant=\"v2\"", "train.clients=1", "model.name=\"lenet5\"",
-                                    "train.momentum=0.9", "sfl.state=\"graph\""])
+V2_ONE = job("v2-one", 3, ["sfl.variant=\"v2\"", "train.clients=1", "model.name=\"lenet5\"", "train.momentum=0.9",
+                           "sfl.state=\"graph\""])
+
+
+def test_v2_with_one_client_is_the_baseline(tmp_path, sfl):
+    run = train(tmp_path, "v2", V2_ONE, sfl)
     matches(tmp_path, run, "v2 one client")
 
 
-def test_v2_serves_clients_in_its_seeded_order(tmp_path):
+V2_ORDER = job("v2-order", 4, ["sfl.variant=\"v2\"", "model.name=\"mlp\"", "model.split=\"label-sharing\"",
+                               "model.freeze_encoder=true", "sfl.aggregation=\"decentralized\""])
+
+
+def test_v2_serves_clients_in_its_seeded_order(tmp_path, sfl):
     """Label-sharing with a frozen encoder: only the server trains, once per client batch, in v2's
     order; the baseline following that order matches, the one following sync's does not."""
     name = "v2 order"
-    run = train(tmp_path, "v2", 4, ["sfl.variant=\"v2\"", "model.name=\"mlp\"", "model.split=\"label-sharing\"",
-                                    "model.freeze_encoder=true", "sfl.aggregation=\"decentralized\""])
+    run = train(tmp_path, "v2", V2_ORDER, sfl)
     ref = reference(tmp_path, run)
     tol = bound(tmp_path, run, ref, f"{name}: nudged baseline")
     close(run["model"], ref, tol, f"{name}: SFL vs baseline")
     differs(run["model"], reference(tmp_path, run, "sfl.variant=\"sync\""), tol, f"{name}: SFL vs sync's baseline (control)")
 
 
-@pytest.mark.parametrize("case", [
-    ["model.name=\"cnn\"", "sfl.state=\"file\""],
-    ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"memory\"", "sfl.aggregation=\"decentralized\""],
-], ids=["cnn-u-file-dropout", "mlp-label-memory"])
-def test_sl_relays_one_model_through_the_clients(tmp_path, case):
-    name = f"sl {case[0]}"
-    run = train(tmp_path, "sl", 4, ["sfl.variant=\"sl\"", "train.momentum=0.9", "train.rounds=3"] + case)
+SL = {"cnn-u-file-dropout": ["model.name=\"cnn\"", "sfl.state=\"file\""],
+      "mlp-label-memory": ["model.name=\"mlp\"", "model.split=\"label-sharing\"", "sfl.state=\"memory\"",
+                           "sfl.aggregation=\"decentralized\""]}
+for _case, _settings in SL.items():
+    job(f"sl/{_case}", 4, ["sfl.variant=\"sl\"", "train.momentum=0.9", "train.rounds=3"] + _settings)
+
+
+@pytest.mark.parametrize("case", list(SL))
+def test_sl_relays_one_model_through_the_clients(tmp_path, case, sfl):
+    name = f"sl {case}"
+    run = train(tmp_path, "sl", f"sl/{case}", sfl)
     ref = reference(tmp_path, run)
     tol = bound(tmp_path, run, ref, f"{name}: nudged baseline")
     close(run["model"], ref, tol, f"{name}: SFL vs baseline")
@@ -110,18 +145,24 @@ def test_sl_relays_one_model_through_the_clients(tmp_path, case):
     assert rows[-1]["bytes_sent"]["client"] > 0 and all(r["clients_trained"] == 3 for r in rows)
 
 
+for _aggregation in ("centralized", "decentralized"):
+    job(f"fl-per-step/{_aggregation}", 3, ["sfl.variant=\"fl\"", "sfl.servers=0", "train.aggregate_every=1",
+                                           "model.name=\"cnn\"", f"sfl.aggregation=\"{_aggregation}\""])
+
+
 @pytest.mark.parametrize("aggregation", ["centralized", "decentralized"])
-def test_fl_with_per_step_averaging_is_the_baseline(tmp_path, aggregation):
-    run = train(tmp_path, "fl", 3, ["sfl.variant=\"fl\"", "sfl.servers=0", "train.aggregate_every=1",
-                                    "model.name=\"cnn\"", f"sfl.aggregation=\"{aggregation}\""])
+def test_fl_with_per_step_averaging_is_the_baseline(tmp_path, aggregation, sfl):
+    run = train(tmp_path, "fl", f"fl-per-step/{aggregation}", sfl)
     matches(tmp_path, run, f"fl {aggregation}")
     assert set(metrics(run["out"])[0]["bytes_sent"]) == {"fed_server", "client"}  # no split server
 
 
-def test_client_sampling(tmp_path):
+SAMPLED = job("sampled", 4, ["train.clients=4", "train.clients_per_round=2", "train.aggregate_every=1", "train.rounds=3"])
+
+
+def test_client_sampling(tmp_path, sfl):
     """2 of 4 clients a round: the baseline drawing the same clients matches; others sat out."""
-    run = train(tmp_path, "sampled", 4, ["train.clients=4", "train.clients_per_round=2", "train.aggregate_every=1",
-                                         "train.rounds=3"])
+    run = train(tmp_path, "sampled", SAMPLED, sfl)
     ref = reference(tmp_path, run)
     tol = bound(tmp_path, run, ref, "sampling: nudged baseline")
     close(run["model"], ref, tol, "sampling: SFL vs baseline")

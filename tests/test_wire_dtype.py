@@ -47,6 +47,7 @@ CASES = {  # name: (ranks, logical clients, settings)
 }
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_narrowed_wire_is_the_baseline_that_rounds_at_the_cut(tmp_path, case):
     # One round. With several clients a conv computes a client's chunk and the concatenated batch
