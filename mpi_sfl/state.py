@@ -66,9 +66,10 @@ class GraphState:
         self._kept[key] = (h, other)
         self.hold(h.nbytes + (other.nbytes if isinstance(other, torch.Tensor) else 0))
 
-    def pop(self, key: Key, default=None):
-        kept = self._kept.pop(key, default)
-        if kept is not default:
+    def pop(self, key: Key):
+        """What was kept for `key` (None if nothing), no longer counted."""
+        kept = self._kept.pop(key, None)
+        if kept is not None:
             h, other = kept
             self.hold(-h.nbytes - (other.nbytes if isinstance(other, torch.Tensor) else 0))
         return kept

@@ -289,11 +289,13 @@ class Transport:
         per batch in flight. Only where the peer takes these sends without waiting for anything
         more from this rank (else the two would wait for each other)."""
         self.reap()
-        newest = self._sending[-1][3] if self._sending else 0
-        if self._held_bytes - newest <= limit:
+
+        def over() -> bool:
+            return len(self._sending) > 1 and self._held_bytes - self._sending[-1][3] > limit
+        if not over():
             return
         t0 = MPI.Wtime()
-        while len(self._sending) > 1 and self._held_bytes - self._sending[-1][3] > limit:
+        while over():
             reqs, dest, _, nbytes = self._sending[0]
             polite_wait(reqs, who=lambda: describe(dest) + " to take this rank's messages", patience=self.patience)
             self._sending.popleft()
