@@ -120,11 +120,19 @@ def _world():
 
 def exit_now() -> None:
     """`python -m mpi_sfl`, once a command has finished (its files written and closed): run the
-    atexit handlers (mpi4py's MPI_Finalize among them), flush, and end the process without the
-    interpreter's teardown of torch's thousand-odd modules, which costs each rank a few tenths of a
-    second of CPU after its work is done (ranks outnumber cores here). Not called by cli.main
-    itself: it is also called in-process (tests)."""
+    atexit handlers, finalize MPI, flush, and end the process without the interpreter's teardown of
+    torch's thousand-odd modules, which costs each rank a few tenths of a second of CPU after its
+    work is done (ranks outnumber cores here). Not called by cli.main itself: it is also called
+    in-process (tests).
+
+    MPI_Finalize is called here, not left to atexit: mpi4py registers it with Py_AtExit, which
+    os._exit skips, and MPICH's launcher SIGKILLs every rank still running once one rank exits
+    unfinalized; a rank still writing its results (or merely slower to reach its exit) was killed.
+    Finalize waits for every rank, so no rank leaves before the last one is done."""
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

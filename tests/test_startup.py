@@ -38,3 +38,11 @@ def test_no_compiler_imports_and_startup_phases(tmp_out):
         assert all(v is not None and math.isfinite(v) and v >= 0 for v in timed.values()), r
         assert r["to_first_step"] > 0 and r["process_start"] < got["trained_at"] <= got["finished_at"]
     assert got["fed_server"]["rank"] == 0 and got["split_server"]["rank"] == 1 and got["client"]["rank"] in (2, 3)
+
+
+def test_no_rank_is_killed_by_a_faster_one_leaving(tmp_out):
+    """`python -m mpi_sfl` ends through cli.exit_now (os._exit, skipping torch's teardown). Every rank
+    must still finalize MPI first: a rank that is slower to finish (the fed server writing
+    summary.json) was SIGKILLed by the launcher the moment a faster one exited unfinalized."""
+    proc = ok(mpiscript(3, Path(__file__).with_name("mpi_exit_check.py"), str(tmp_out), timeout=60))
+    assert sorted(p.name for p in tmp_out.iterdir()) == ["rank0", "rank1", "rank2"], proc.stdout[-2000:]
