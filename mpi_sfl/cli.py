@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import os
 import sys
 import traceback
@@ -120,19 +121,20 @@ def _world():
 
 def exit_now() -> None:
     """`python -m mpi_sfl`, once a command has finished (its files written and closed): run the
-    atexit handlers, finalize MPI, flush, and end the process without the interpreter's teardown of
-    torch's thousand-odd modules, which costs each rank a few tenths of a second of CPU after its
-    work is done (ranks outnumber cores here). Not called by cli.main itself: it is also called
-    in-process (tests).
+    atexit handlers, finalize MPI, flush, and end the process through the C library's exit()
+    without the interpreter's teardown of torch's thousand-odd modules, which costs each rank a few
+    tenths of a second of CPU after its work is done (ranks outnumber cores here). Not called by
+    cli.main itself: it is also called in-process (tests).
 
-    MPI_Finalize is called here, not left to atexit: mpi4py registers it with Py_AtExit, which
-    os._exit skips, and MPICH's launcher SIGKILLs every rank still running once one rank exits
-    unfinalized; a rank still writing its results (or merely slower to reach its exit) was killed.
-    Finalize waits for every rank, so no rank leaves before the last one is done."""
+    Both steps matter under MPICH's launcher, which SIGKILLs every rank of the job that is still
+    running the moment one rank's PMI connection closes unannounced: MPI_Finalize is called here
+    because mpi4py leaves it to a Py_AtExit hook that only the interpreter's teardown runs, and
+    exit() rather than os._exit() because the PMI client announces its end from a C atexit handler.
+    With os._exit a rank still writing its results, or merely slower to reach its exit, was killed."""
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    ctypes.CDLL(None).exit(0)

@@ -1,7 +1,10 @@
 """Run by tests/test_startup.py under mpiexec: every rank ends through cli.exit_now (what
-`python -m mpi_sfl` does), the last rank a second after the others. Each rank writes its file only
-after that wait, so a rank killed when the first one left (MPICH's launcher ends every rank still
-running once one exits without MPI_Finalize) leaves its file missing."""
+`python -m mpi_sfl` does). The last rank is still at work in its exit a second after the others
+have gone: a C atexit handler (what the PMI client and torch run there) that waits, then writes
+that rank's file. A rank killed when the first one left (MPICH's launcher SIGKILLs every rank still
+running once one rank's PMI connection closes unannounced), or one that skips the C library's
+exit, leaves its file missing."""
+import ctypes
 import sys
 import time
 from pathlib import Path
@@ -11,8 +14,16 @@ from mpi4py import MPI
 from mpi_sfl.cli import exit_now
 
 comm = MPI.COMM_WORLD
+out = Path(sys.argv[1]) / f"rank{comm.rank}"
+delay = 1.0 if comm.rank == comm.size - 1 else 0.0
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p)
+def at_c_exit(status, arg):
+    time.sleep(delay)
+    out.write_text("done")
+
+
+ctypes.CDLL(None).on_exit(at_c_exit, None)  # glibc's atexit with the status
 comm.Barrier()
-if comm.rank == comm.size - 1:
-    time.sleep(1.0)
-(Path(sys.argv[1]) / f"rank{comm.rank}").write_text("done")
 exit_now()
