@@ -58,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, quick_exit: bool = False) -> None:
+    """The command line. quick_exit (python -m mpi_sfl, which ends through exit_now): the process
+    will end without torch's C++ teardown either (skip_teardown)."""
     try:
         args = parser().parse_args(argv)
     except CommandLineError as exc:
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if args.command == "baseline":
                 from . import baseline, config
+                if quick_exit:
+                    skip_teardown()
                 baseline.run(config.load(args.config, args.overrides), start=start)
             else:
                 from . import plot
@@ -80,10 +84,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"mpi-sfl: error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         return
-    from mpi4py import MPI  # noqa: F401 - MPI_Init_thread: timed apart from the other imports
-    startup.mark("mpi_init")
-    from . import train
+    import torch  # noqa: F401 - before MPI starts (skip_teardown); timed apart from MPI_Init_thread
     startup.mark("imports")
+    if quick_exit:
+        skip_teardown()
+    from mpi4py import MPI  # noqa: F401 - MPI_Init_thread
+    from . import train
+    startup.mark("mpi_init")
     try:
         train.main(args.config, args.overrides, start=start)
     except (SystemExit, KeyboardInterrupt):
@@ -119,6 +126,19 @@ def _world():
     return MPI.COMM_WORLD if MPI.COMM_WORLD.size > 1 else None
 
 
+def skip_teardown() -> None:
+    """Make this process's C-level exit end with _exit once the exit handlers registered after this
+    call have run: torch's C++ static destructors, registered when torch was imported (before this
+    call), then never run; they deregister its thousands of operators, about 0.15 s of CPU per
+    process after its work is done. The MPI library's own exit handlers, registered when MPI starts
+    (after this call), still run: MPICH's PMI client announces the rank's end from one, and without
+    that announcement MPICH's launcher SIGKILLs every rank of the job still running. The handler is
+    libc's _exit itself, not Python code: it also runs after an interpreter teardown (an error's
+    exit), and it keeps the exit status."""
+    libc = ctypes.CDLL(None)
+    libc.on_exit(ctypes.cast(libc._exit, ctypes.c_void_p), None)
+
+
 def exit_now() -> None:
     """`python -m mpi_sfl`, once a command has finished (its files written and closed): run the
     atexit handlers, finalize MPI, flush, and end the process through the C library's exit()
@@ -126,11 +146,12 @@ def exit_now() -> None:
     tenths of a second of CPU after its work is done (ranks outnumber cores here). Not called by
     cli.main itself: it is also called in-process (tests).
 
-    Both steps matter under MPICH's launcher, which SIGKILLs every rank of the job that is still
-    running the moment one rank's PMI connection closes unannounced: MPI_Finalize is called here
-    because mpi4py leaves it to a Py_AtExit hook that only the interpreter's teardown runs, and
-    exit() rather than os._exit() because the PMI client announces its end from a C atexit handler.
-    With os._exit a rank still writing its results, or merely slower to reach its exit, was killed."""
+    MPI_Finalize is called here because mpi4py leaves it to a Py_AtExit hook that only the
+    interpreter's teardown runs; and exit(), not os._exit(), because the PMI client announces the
+    rank's end from a C exit handler: without it MPICH's launcher SIGKILLs every rank still running
+    the moment one rank's PMI connection closes, and a rank still writing its results, or merely
+    slower to reach its exit, was killed. skip_teardown (registered by main) cuts that exit() short
+    after the MPI library's handlers."""
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

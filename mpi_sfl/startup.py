@@ -1,8 +1,8 @@
 """Where a rank's time to its first training step goes: a few timestamps, taken as it passes them.
 
     interpreter    process start -> mpi_sfl imported (Python, site, mpi4py's runner)
-    mpi_init       import mpi4py.MPI: the MPI library and MPI_Init_thread
-    imports        numpy, torch, mpi_sfl's modules
+    imports        numpy and torch (before MPI starts: cli.skip_teardown)
+    mpi_init       import mpi4py.MPI: the MPI library and MPI_Init_thread; then mpi_sfl's modules
     node           the ranks on this node (Split_type, Allreduce): the first collective, where the
                    ranks that imported faster wait for the others
     setup          config, layout, the model built and a dummy batch through it, out_dir checked
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 
-PHASES = ("interpreter", "mpi_init", "imports", "node", "setup", "setup_wait", "prepare", "prepare_wait", "data",
+PHASES = ("interpreter", "imports", "mpi_init", "node", "setup", "setup_wait", "prepare", "prepare_wait", "data",
           "data_wait", "communicators", "build", "announce", "first_step")
 
 

@@ -1,5 +1,5 @@
-"""Run by tests/test_startup.py under mpiexec: every rank ends through cli.exit_now (what
-`python -m mpi_sfl` does). The last rank is still at work in its exit a second after the others
+"""Run by tests/test_startup.py under mpiexec: every rank ends as `python -m mpi_sfl` does
+(cli.skip_teardown before MPI starts, cli.exit_now at the end). The last rank is still at work in its exit a second after the others
 have gone: a C atexit handler (what the PMI client and torch run there) that waits, then writes
 that rank's file. A rank killed when the first one left (MPICH's launcher SIGKILLs every rank still
 running once one rank's PMI connection closes unannounced), or one that skips the C library's
@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from mpi4py import MPI
+from mpi_sfl.cli import exit_now, skip_teardown
 
-from mpi_sfl.cli import exit_now
+skip_teardown()
+from mpi4py import MPI  # noqa: E402 - after skip_teardown, as in cli.main
 
 comm = MPI.COMM_WORLD
 out = Path(sys.argv[1]) / f"rank{comm.rank}"
