@@ -128,18 +128,30 @@ def main(argv: list[str] | None = None) -> int:
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
     suffix = "" if level == "full" else f"-{level}"
     out_dir = Path(args.out_dir)
-    if args.suite == "all":
-        if args.out:
-            p.error("all writes one file per suite into --out-dir; --out is for a single suite")
-        for name in SUITES:
+    if args.suite == "all" and args.out:
+        p.error("all writes one file per suite into --out-dir; --out is for a single suite")
+    common.warm_launches(level == "tiny")  # tiny jobs: start-up would be most of their cost
+    try:
+        if args.suite != "all":
+            run_suite(args.suite, level, Path(args.out) if args.out else out_dir / f"{args.suite}{suffix}.json", args)
+            return 0
+        failed = []
+        for name in SUITES:  # a suite that fails is reported; the ones after it still run
             out = out_dir / f"{name}{suffix}.json"
             if name == "model":
                 args.wire, args.scaling = str(out_dir / f"wire{suffix}.json"), str(out_dir / f"scaling{suffix}.json")
-            run_suite(name, level, out, args)
+            try:
+                run_suite(name, level, out, args)
+            except common.BenchError as exc:
+                failed.append(name)
+                print(f"{name}: FAILED\n{exc}", file=sys.stderr, flush=True)
             print()
+        if failed:
+            print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
+            return 1
         return 0
-    run_suite(args.suite, level, Path(args.out) if args.out else out_dir / f"{args.suite}{suffix}.json", args)
-    return 0
+    finally:
+        common.warm_launches(False)
 
 
 if __name__ == "__main__":

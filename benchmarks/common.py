@@ -40,9 +40,36 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+# --tiny (the tests): mpi_sfl jobs run in warm launches, one per rank count, kept for the whole
+# driver (benchmarks/_warm.py): a job's start-up is most of a tiny job's cost. None: a launch per job.
+_warm: dict[int, "Warm"] | None = None
+
+
+def warm_launches(on: bool) -> None:
+    """Run the mpi_sfl jobs that follow in warm launches (on), or end those and launch each job
+    on its own again (off). Only for settings whose timings and peak memory mean nothing (--tiny)."""
+    global _warm
+    if not on and _warm:
+        for w in _warm.values():
+            w.close()
+    _warm = {} if on else None
+
+
+def _warm_run(n: int, argv: list[str], limit: float) -> subprocess.CompletedProcess:
+    from benchmarks._warm import Warm
+    if n not in _warm:
+        _warm[n] = Warm(n, root=REPO)
+    done = _warm[n].run(argv[2:], limit)  # argv: -m mpi_sfl COMMAND ...
+    if done.returncode != 0:
+        raise BenchError(launcher.failure(argv, done))
+    return done
+
+
 def mpi(n: int, argv: list[str], limit: float = 240) -> subprocess.CompletedProcess:
     """`mpiexec -n n python -m mpi4py ARGV...` (-m benchmarks._worker ..., or -m mpi_sfl ...);
     mpiexec ends the job at `limit` seconds, `timeout` 15 s later. Raises BenchError if it fails."""
+    if _warm is not None and argv[:2] == ["-m", "mpi_sfl"]:
+        return _warm_run(n, argv, limit)
     try:
         return launcher.mpi(n, argv, limit, root=REPO, check=True)
     except launcher.LaunchError as e:
@@ -51,6 +78,8 @@ def mpi(n: int, argv: list[str], limit: float = 240) -> subprocess.CompletedProc
 
 def python(argv: list[str], limit: float = 240) -> subprocess.CompletedProcess:
     """`python ARGV...`, one process, under the same limits as mpi()."""
+    if _warm is not None and argv[:2] == ["-m", "mpi_sfl"]:  # a baseline: a warm launch of one rank
+        return _warm_run(1, argv, limit)
     try:
         return launcher.python(argv, limit, root=REPO, check=True)
     except launcher.LaunchError as e:

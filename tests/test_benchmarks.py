@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import launching, private_tmpdir
 from mpi_sfl import launcher
 
 pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
@@ -34,15 +35,28 @@ FIELDS = {
 MACHINE = ("hostname", "cores", "python", "torch", "mpi4py", "mpi_library", "date")
 
 
-def bench(suite: str, out: Path, *extra: str, timeout: float = 240) -> dict:
-    # The driver's own environment is the caller's (it sets up its jobs' itself); `timeout` ends a
-    # hung suite with its whole process group, mpiexec and ranks included.
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    proc = launcher.python(["-m", "benchmarks", suite, "--tiny", "--out", str(out), *extra], timeout,
-                           env=env, root=REPO, grace=0)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    assert "summary:" in proc.stdout  # the readable table and summary were printed
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory) -> Path:
+    """`python -m benchmarks all --tiny` once for the module (model reads that run's wire and
+    scaling): every suite's JSON and plot in the returned directory. A suite that fails is reported
+    and the others still run; its test fails with the driver's output."""
+    out = tmp_path_factory.mktemp("bench")
+    with private_tmpdir(tmp_path_factory):
+        # The driver's own environment is the caller's (it sets up its jobs' itself); `timeout` ends
+        # a hung run with its whole process group, mpiexec and ranks included.
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        launching()
+        proc = launcher.python(["-m", "benchmarks", "all", "--tiny", "--out-dir", str(out)], 600,
+                               env=env, root=REPO, grace=0)
+    (out / "driver.log").write_text(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+    return out
+
+
+def bench(suites: Path, suite: str) -> dict:
+    doc = suites / f"{suite}-tiny.json"
+    assert doc.is_file(), f"no {doc.name}: {(suites / 'driver.log').read_text()[-6000:]}"
+    assert f"{suite}: " in (suites / "driver.log").read_text()  # its table and summary were printed
+    return json.loads(doc.read_text())
 
 
 def check_doc(doc: dict, suite: str) -> None:
@@ -57,8 +71,8 @@ def check_doc(doc: dict, suite: str) -> None:
 
 
 @pytest.mark.parametrize("suite", ["wire", "aggregate", "throughput", "memory", "variants"])
-def test_suite(suite, tmp_path):
-    doc = bench(suite, tmp_path / f"{suite}.json")
+def test_suite(suite, suites):
+    doc = bench(suites, suite)
     check_doc(doc, suite)
     if suite == "aggregate":  # every variant computed the right average
         assert all(r["max_abs_error"] < 1e-4 for r in doc["results"])
@@ -69,9 +83,9 @@ def test_suite(suite, tmp_path):
         assert Path(doc["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_attacks(tmp_path):
+def test_attacks(suites):
     """Every aggregator ran against the attackers, beside the run without them."""
-    doc = bench("attacks", tmp_path / "attacks.json")
+    doc = bench(suites, "attacks")
     assert doc["suite"] == "attacks" and doc["level"] == "tiny"
     assert [r["aggregator"] for r in doc["results"]] == ["mean, no attackers", "mean", "median", "trimmed-mean",
                                                          "krum", "multi-krum"]
@@ -80,19 +94,19 @@ def test_attacks(tmp_path):
     assert all(r["aggregation_s_per_round"] > 0 for r in doc["results"])
 
 
-def test_noise(tmp_path):
+def test_noise(suites):
     """Each noise level trained and had its leakage measured; the plot is written."""
-    doc = bench("noise", tmp_path / "noise.json")
+    doc = bench(suites, "noise")
     assert [r["noise_std"] for r in doc["results"]] == [0.0, 4.0]
     assert all(0 <= r["distance_correlation"] <= 1 and 0 <= r["final_accuracy"] <= 1 for r in doc["results"])
     assert doc["results"][1]["distance_correlation"] < doc["results"][0]["distance_correlation"]
     assert Path(doc["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_clients(tmp_path):
+def test_clients(suites):
     """Hosting more clients measured beside 10, with the copies bounded by the sampled ones; each
     aggregator timed with every client voting."""
-    doc = bench("clients", tmp_path / "clients.json")
+    doc = bench(suites, "clients")
     host, tog = doc["results"]["hosting"], doc["results"]["together"]
     assert [r["clients"] for r in host] == [10, 60] and host[0]["ms_per_hosted_client"] == 0.0
     assert all(1 <= r["working_copies"] <= 10 and r["setup_s"] > 0 and r["round_s"] > 0 for r in host)
@@ -100,9 +114,9 @@ def test_clients(tmp_path):
     assert doc["results"]["accuracy"] == [] and doc["summary"]["hosted_clients_max"] == 60
 
 
-def test_precision(tmp_path):
+def test_precision(suites):
     """Every wire format trained; the narrowed ones send fewer bytes, int8 the fewest."""
-    doc = bench("precision", tmp_path / "precision.json")
+    doc = bench(suites, "precision")
     rows = {r["wire_dtype"]: r for r in doc["results"]}
     assert list(rows) == ["float32", "float16", "bfloat16", "int8"] and rows["float32"]["bytes_vs_float32"] == 1.0
     assert 0.4 < rows["float16"]["bytes_vs_float32"] < 0.6 and 0.4 < rows["bfloat16"]["bytes_vs_float32"] < 0.6
@@ -110,9 +124,9 @@ def test_precision(tmp_path):
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
 
 
-def test_step(tmp_path):
+def test_step(suites):
     """Each piece of the step timed; the step measured in every state mode and the baseline."""
-    doc = bench("step", tmp_path / "step.json")
+    doc = bench(suites, "step")
     (row,) = doc["results"]
     assert row["model"] == "mlp" and row["h_bytes"] == row["z_bytes"] == 64 * 64 * 4
     pieces = [k for k in row if k.endswith("_us") and not k.startswith(("step_", "baseline", "other"))]
@@ -121,9 +135,9 @@ def test_step(tmp_path):
     assert row["other_us"] == pytest.approx(row["step_file_us"] - sum(row[k] for k in pieces if k != "memory_state_copy_us"))
 
 
-def test_batching(tmp_path):
+def test_batching(suites):
     """Every batching mode ran against the baseline, with one server pass per group."""
-    doc = bench("batching", tmp_path / "batching.json")
+    doc = bench(suites, "batching")
     rows = {r["run"]: r for r in doc["results"]}
     assert list(rows) == ["off", "rank", "step", "baseline"] and all(r["samples_per_s"] > 0 for r in rows.values())
     steps = 256 // 2 // 64  # 2 clients of 128 samples (one per client rank), batch 64
@@ -131,9 +145,9 @@ def test_batching(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in doc["summary"].values())
 
 
-def test_startup(tmp_path):
+def test_startup(suites):
     """The tiny job timed beside the bare import; every role's phases, read from the run itself."""
-    doc = bench("startup", tmp_path / "startup.json")
+    doc = bench(suites, "startup")
     check_doc(doc, "startup")
     assert [r["run"] for r in doc["results"]["walls"]] == ["import", "job"]
     phases = {r["role"]: r for r in doc["results"]["phases"]}
@@ -144,15 +158,15 @@ def test_startup(tmp_path):
         assert r["to_first_step"] > r["imports"]
 
 
-def test_scaling_then_model(tmp_path):
+def test_scaling_then_model(suites):
     """Scaling writes its plot; the cost model checks itself against that scaling run."""
-    scaling = bench("scaling", tmp_path / "scaling.json")
+    scaling = bench(suites, "scaling")
     check_doc(scaling, "scaling")
     png = Path(scaling["plot"])
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kinds = {(r["kind"], r["client_ranks"]) for r in scaling["results"]}
     assert kinds == {("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)}
-    model = bench("model", tmp_path / "model.json", "--scaling", str(tmp_path / "scaling.json"))
+    model = bench(suites, "model")
     check_doc(model, "model")
     assert len(model["results"]["check"]) == len(scaling["results"])
     assert {r["clients"] for r in model["results"]["projection"]} == {2 ** i for i in range(11)}
