@@ -14,8 +14,8 @@ stdout and stderr (file descriptors 1 and 2) in DIR/i.RANK.out and .err, then wr
 and seconds to DIR/i.RANK.code (0, or the code of the SystemExit the job ended with: 2 refused at
 set-up, 3 stopped, 4 failed). A job that ends in an orderly way calls MPI.Finalize: here that is put
 off to the end of the launch, so the next job can run. A crash or a peer timeout (MPI_Abort) ends
-the launch: Warm reports that job with the launch's exit code and output and starts a fresh launch
-for the next. A job past its limit ends the launch too (the whole process group). --prelude FILE
+the launch: Warm reports that job with the launch's exit code and output, and the next job starts a
+fresh launch. A job past its limit ends the launch too (the whole process group). --prelude FILE
 runs first on every rank (a test's patch).
 """
 from __future__ import annotations
@@ -123,8 +123,10 @@ class Warm:
 
     def run(self, argv: list[str], limit: float) -> subprocess.CompletedProcess:
         """Job `argv` (an mpi-sfl command line) on these ranks: its exit code (every rank's must
-        agree; None if the launch ended or the job ran past `limit` seconds), its ranks' stdout and
-        stderr (rank 0's first), and `.seconds`, the job's own (start-up excluded)."""
+        agree; if the job ended the launch, a crash for one, the launch's exit code, and 124 if it
+        ran past `limit` seconds), its ranks' stdout and stderr (rank 0's first, then the launch's
+        own output if it ended), and `.seconds`, the job's own (start-up excluded; None if it did not
+        finish)."""
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         i, folder = self.i, self.folder
@@ -132,13 +134,13 @@ class Warm:
         self.i += 1
         codes_at = [folder / f"{i}.{r}.code" for r in range(self.n)]
         deadline = time.monotonic() + limit
-        ended = None
+        ended = code = None
         while not all(p.exists() for p in codes_at):
             if self.proc.poll() is not None:
-                ended = f"the launch ended with exit {self.proc.returncode}"
+                ended, code = f"the launch ended with exit {self.proc.returncode}", self.proc.returncode or 1
                 break
             if time.monotonic() > deadline:
-                ended = f"the job ran past its {limit} s limit; its launch was killed"
+                ended, code = f"the job ran past its {limit} s limit; its launch was killed", 124
                 self._kill()
                 break
             time.sleep(POLL_S)
@@ -149,7 +151,7 @@ class Warm:
             self._out.seek(0), self._err.seek(0)
             text["err"] += f"\n[{ended}]\n{self._out.read()[-3000:]}\n{self._err.read()[-5000:]}"
             self._cleanup()
-            done = subprocess.CompletedProcess(list(argv), None, text["out"], text["err"])
+            done = subprocess.CompletedProcess(list(argv), code, text["out"], text["err"])
             done.seconds = None
             return done
         codes = [p.read_text().split() for p in codes_at]

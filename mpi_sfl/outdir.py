@@ -312,13 +312,20 @@ def _take_over(lock: Path, holder: tuple[str, str, str]) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs. A zombie does not: a rank SIGKILLed with its
+    job stays one for a while (seconds, here) after its launcher has returned, and it holds nothing."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # field 3, after the command in parentheses
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): a live pid is all we can know
+    return state not in ("Z", "X")
 
 
 def _our_files(out: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks._warm import Warm
 from mpi_sfl import baseline as _baseline, config as _config, launcher, models as _models
 
 MPIEXEC = launcher.mpiexec_path()
@@ -59,10 +60,26 @@ def env(**extra: str) -> dict:
     return launcher.child_env(MPIEXEC_TIMEOUT, root=REPO, slurm="all", **{"OMP_NUM_THREADS": "1", **extra})
 
 
-def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """`mpiexec -n n python -m mpi4py -m mpi_sfl args...`; a hang fails the test instead of CI."""
+# The session's warm launches (benchmarks/_warm.py), one per rank count: the tests' jobs run one
+# after another in them, each rank importing torch once for the session instead of once per job.
+_warm: dict[int, Warm] = {}
+
+
+def warm(n: int) -> Warm:
+    if n not in _warm:
+        _warm[n] = Warm(n, env=env(), root=REPO)
+    return _warm[n]
+
+
+def mpirun(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None,
+           own_launch: bool = False) -> subprocess.CompletedProcess:
+    """`mpiexec -n n python -m mpi4py -m mpi_sfl args...` as far as the job can tell (it runs in the
+    session's warm launch of n ranks; with extra_env, or own_launch for jobs that must run at the same
+    time, in a launch of its own); a hang fails the test instead of CI (its exit code is 124 then)."""
     launching()
-    return launcher.mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
+    if extra_env or own_launch:
+        return launcher.mpi(n, ["-m", "mpi_sfl", *args], timeout, env=env(**(extra_env or {})), root=REPO, grace=0)
+    return warm(n).run(list(args), timeout)
 
 
 def start(n: int, *args: str, timeout: float = 150, extra_env: dict | None = None) -> subprocess.Popen:
@@ -78,37 +95,18 @@ def mpiscript(n: int, script: Path, *args: str, timeout: float = 90) -> subproce
 
 def mpijobs(n: int, *jobs: list[str], timeout: float | None = None, prelude: Path | None = None,
             extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """Several jobs (each an `mpi-sfl` argv: ["train", "--set", ...]) one after another in ONE
-    `mpiexec -n n` launch (tests/mpi_jobs.py): torch is imported once for all of them. One
-    CompletedProcess per job: its exit code (every rank's must agree), its ranks' stdout and stderr
-    (rank 0's first). A job after a crash or a hang did not run: returncode None, and the launch's
-    output in its stderr. `timeout` bounds the whole launch (default: 120 s and 60 s per job, what a
-    job takes on a loaded 2-core machine with room to spare; a deadlock still ends the launch)."""
+    """Several jobs (each an `mpi-sfl` argv: ["train", "--set", ...]) one after another in the
+    session's warm launch of n ranks (mpirun), or, with a prelude (a Python file every rank runs
+    first: a test's patch) or extra_env, in a warm launch of their own. One CompletedProcess per job
+    (benchmarks._warm.Warm.run): its exit code, its ranks' stdout and stderr (rank 0's first) and
+    .seconds, its own time. `timeout` bounds each job (default 150 s, what a job takes on a loaded
+    2-core machine with room to spare; a deadlock still ends)."""
     launching()
-    timeout = 120 + 60 * len(jobs) if timeout is None else timeout
-    results = Path(tempfile.mkdtemp(prefix="mpijobs-"))
-    spec = results / "spec.json"
-    spec.write_text(json.dumps({"jobs": [list(j) for j in jobs], "results": str(results),
-                                "prelude": str(prelude) if prelude else None}))
-    launch = launcher.mpi(n, [str(REPO / "tests" / "mpi_jobs.py"), str(spec)], timeout,  # mpiexec's own limit too
-                          env=env(**{**(extra_env or {}), "MPIEXEC_TIMEOUT": str(int(timeout))}), root=REPO, grace=0)
-    out = []
-    for i, argv in enumerate(jobs):
-        codes = [(results / f"{i}.{r}.code").read_text().split() if (results / f"{i}.{r}.code").exists() else None
-                 for r in range(n)]
-        text = {k: "".join((results / f"{i}.{r}.{k}").read_text() for r in range(n)
-                           if (results / f"{i}.{r}.{k}").exists()) for k in ("out", "err")}
-        if None in codes:
-            text["err"] += f"\n[job {i} did not finish; the launch ended with exit {launch.returncode}]\n" \
-                                 f"{launch.stdout[-3000:]}\n{launch.stderr[-5000:]}"
-            code = None
-        else:
-            assert len({c for c, _ in codes}) == 1, f"job {i}: the ranks exited with different codes {codes}\n{text['err'][-3000:]}"
-            code = int(codes[0][0])
-        done = subprocess.CompletedProcess(list(argv), code, text["out"], text["err"])
-        done.seconds = max(float(c[1]) for c in codes) if code is not None else None  # the job's own, start-up excluded
-        out.append(done)
-    return out
+    limit = 150 if timeout is None else timeout
+    if not prelude and not extra_env:
+        return [warm(n).run(list(argv), limit) for argv in jobs]
+    with Warm(n, env=env(**(extra_env or {})), root=REPO, prelude=prelude) as own:
+        return [own.run(list(argv), limit) for argv in jobs]
 
 
 class Runs:
@@ -351,8 +349,11 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the session if a test wrote into the checkout (outside tmp_path). Something else run in
-    this checkout meanwhile (a `make run`) would be reported too: the message names the paths."""
+    """End the warm launches; fail the session if a test wrote into the checkout (outside tmp_path).
+    Something else run in this checkout meanwhile (a `make run`) would be reported too: the message
+    names the paths."""
+    for w in _warm.values():
+        w.close()
     before = getattr(session.config, "_repo_before", None)
     after = repo_entries() if before is not None else None
     if after is None or not after - before:

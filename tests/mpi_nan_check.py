@@ -1,5 +1,5 @@
-"""A prelude for tests/mpi_jobs.py (test_resilience.py's `nonfinite` launch): from here on,
-logical client 0's batch in round 2, step 3 is NaN, in every job the launch runs after it."""
+"""A prelude for a warm launch (benchmarks/_warm.py; test_resilience.py's `nonfinite` jobs): from
+here on, logical client 0's batch in round 2, step 3 is NaN, in every job the launch runs after it."""
 import torch
 
 from mpi_sfl import client

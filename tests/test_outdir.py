@@ -352,8 +352,9 @@ def test_a_bad_command_line_is_one_line_and_exit_2(capsys, argv, words):
 JOB = TINY + ["train.clients=2"]
 
 
-def train(out: Path, *extra: str, settings: list[str] = ()) -> subprocess.CompletedProcess:
-    return mpirun(3, "train", *sets(JOB + list(settings) + [f'run.out_dir="{out}"']), *extra, timeout=90)
+def train(out: Path, *extra: str, settings: list[str] = (), own_launch: bool = False) -> subprocess.CompletedProcess:
+    return mpirun(3, "train", *sets(JOB + list(settings) + [f'run.out_dir="{out}"']), *extra, timeout=90,
+                  own_launch=own_launch)
 
 
 def refused(proc: subprocess.CompletedProcess, words: str) -> None:
@@ -406,7 +407,8 @@ def test_two_jobs_into_one_out_dir(tmp_path):
     out = tmp_path / "shared"
     longer = ["data.train_samples=960"]  # a run much longer than the gap between the two starts
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(train, out, settings=longer + [f"train.rounds={r}", f"run.seed={r}"]) for r in (3, 4)]
+        jobs = [pool.submit(train, out, settings=longer + [f"train.rounds={r}", f"run.seed={r}"], own_launch=True)
+                for r in (3, 4)]
         procs = [j.result() for j in jobs]
     assert sorted(p.returncode for p in procs) == [0, 2], [p.stderr[-2000:] for p in procs]
     winner = 3 if procs[0].returncode == 0 else 4

@@ -5,6 +5,7 @@ import os
 import socket
 import stat
 import subprocess
+import time
 
 import pytest
 import torch
@@ -88,6 +89,28 @@ def test_scratch_is_private_and_stale_dirs_are_cleaned(tmp_path):
     assert sorted(clean_stale(tmp_path)) == sorted([stale, empty])
     assert not stale.exists() and not empty.exists()
     assert d.exists() and elsewhere.exists() and other.exists()  # live owner, other host, unparseable: kept
+
+
+def test_a_zombie_owns_nothing(tmp_path):
+    """A rank killed with its job can stay a zombie after its launcher returns (seconds, on these
+    machines): its scratch dir is stale all the same, while a live process's is kept."""
+    from mpi_sfl.outdir import pid_alive
+    live = subprocess.Popen(["sleep", "30"])
+    gone = subprocess.Popen(["true"])  # not waited for: a zombie once it has exited
+    try:
+        for _ in range(500):
+            with open(f"/proc/{gone.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        assert pid_alive(live.pid) and not pid_alive(gone.pid)
+        host = socket.gethostname()
+        kept, stale = (tmp_path / scratch_name("7-r1", p.pid, host) for p in (live, gone))
+        kept.mkdir(), stale.mkdir()
+        assert clean_stale(tmp_path) == [stale] and kept.exists()
+    finally:
+        live.kill()
+        live.wait(), gone.wait()
 
 
 def test_scratch_names_parse_back():
