@@ -34,6 +34,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise CommandLineError(f"{message} (see {self.prog} --help)")
 
+    def print_help(self, file=None):
+        """--help: printed by the first rank only (every rank of a job parses the same line)."""
+        if launcher_rank() in (None, 0):
+            super().print_help(file)
+
+
+# What MPI launchers tell each process of its rank (MPICH/Intel hydra and PMI, Open MPI, PMIx).
+RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as its launcher set it, read without starting MPI; None if not launched."""
+    for v in RANK_VARS:
+        if os.environ.get(v, "").isdigit():
+            return int(os.environ[v])
+    return None
+
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpi-sfl", description="Split Federated Learning over MPI.")

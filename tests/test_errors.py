@@ -131,3 +131,10 @@ def test_variant_combinations_that_make_no_sense(refused):
     run_fails(refused, "sl_sampling", words="sfl.variant = 'sl' relays one model")
     run_fails(refused, "sampling_too_many", words="train.clients_per_round = 5 exceeds")
     run_fails(refused, "idle_servers", words="would leave servers idle")
+
+
+def test_help_is_printed_once_per_job():
+    """--help under mpiexec: the usage once (rank 0's), not once per rank; exit 0."""
+    for proc in mpijobs(3, ["--help"], ["train", "--help"]):
+        assert proc.returncode == 0 and proc.stdout.count("usage: mpi-sfl") == 1, proc.stdout
+        assert "--set SECTION.KEY=VALUE" in proc.stdout or "{train,baseline,plot}" in proc.stdout
