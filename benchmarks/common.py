@@ -18,8 +18,12 @@ import socket
 import statistics
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpi_sfl import launcher
+
+if TYPE_CHECKING:
+    from benchmarks._warm import Warm
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
