@@ -23,7 +23,7 @@ from torch import nn
 
 from . import data, models, outdir
 from .errors import UserError
-from .layout import pick_device, set_threads
+from .layout import pick_device, set_numerics, set_threads
 from .models import Part
 from .eager import SGD
 from .outputs import RunWriter, evaluate, space_needed
@@ -50,6 +50,7 @@ def run(cfg, start: str = "new") -> dict:
 
 def _train(cfg, spec: models.Spec) -> dict:
     device = pick_device(cfg.run.device, 0)
+    set_numerics(device, cfg.run.deterministic)
     set_threads(cfg.run.threads, 1)
     train, test = data.load(cfg, "train"), data.load(cfg, "test")
     shards = data.partition(train.y.numpy(), cfg.train.clients, cfg)
@@ -109,7 +110,9 @@ def _train(cfg, spec: models.Spec) -> dict:
                       "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
                       "samples": plan.samples, "clients_trained": len(plan.batches)}, model)
     return writer.finish({"mode": "baseline", "variant": cfg.sfl.variant, "seconds": round(train_seconds, 3),
-                          "ranks": 1, "train_samples_per_s": samples / train_seconds})
+                          "ranks": 1, "train_samples_per_s": samples / train_seconds,
+                          **({"peak_device_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+                             if device.type == "cuda" else {})})
 
 
 def schedule(cfg, plan: data.RoundPlan) -> list[list[tuple[int, int]]]:
@@ -170,8 +173,8 @@ def _average_buffers(bufs: list[torch.Tensor], after: list[list[torch.Tensor]], 
         for k, b in enumerate(bufs):
             if not (b.is_floating_point() or b.dim() == 0):
                 continue
-            acc = torch.zeros(b.shape, dtype=torch.float32)
+            acc = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
             for values, w in zip(after, weights):
                 acc.add_(values[k].float(), alpha=float(w))
-            acc.div_(total)
+            acc.div_(torch.full_like(acc, total))  # not by a scalar: CUDA would use its reciprocal (transport.Wire.pack)
             b.data.copy_(acc if b.is_floating_point() else acc.round())  # .data: see models.restore

@@ -80,7 +80,7 @@ def client_copy(cfg: Config, base: models.Parts, device: torch.device) -> Logica
     parts = models.client_parts(m, cfg.u_shape, cfg.split)
     flat = flatten_params(parts, device)
     trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
-    opt = SGD(trainable or [torch.zeros(1, requires_grad=True)],
+    opt = SGD(trainable or [torch.zeros(1, device=device, requires_grad=True)],
                           lr=cfg.train.lr, momentum=cfg.train.momentum)
     return LogicalClient(m, flat, trainable, opt)
 

@@ -111,6 +111,7 @@ class Run:
     out_dir: str
     scratch_dir: str
     device: str
+    deterministic: bool
     threads: int
     wait: str
     progress: str

@@ -90,6 +90,8 @@ class FedServer:
                "batches_skipped": int(stats["skipped"].sum()),
                "bytes_sent": {r: v["bytes_sent"] for r, v in roles.items()},
                "peak_rss_mb": {r: v["peak_rss_mb"] for r, v in roles.items()},
+               **({"peak_device_mb": {r: v["peak_device_mb"] for r, v in roles.items()}}
+                  if self.job.device.type == "cuda" else {}),
                "held_mb": {r: v["held_mb"] for r, v in roles.items() if r != "fed_server"},
                "working_copies": {r: v["working_copies"] for r, v in roles.items() if r != "fed_server"},
                "server_passes": roles.get("split_server", {}).get("passes", 0),

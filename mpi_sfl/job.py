@@ -25,6 +25,7 @@ from .transport import Transport, polite_wait
 # One rank's round-end row, gathered at rank 0 (named fields over a float64 buffer).
 STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),
                   ("bytes_sent", np.float64), ("peak_rss", np.float64), ("round_seconds", np.float64),
+                  ("peak_device", np.float64),  # the most GPU memory torch allocated at once (0 on the CPU)
                   ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
                   ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one per group)
                   ("held", np.float64),    # peak bytes held for batches in flight (Transport.buffer_bytes + state)
@@ -52,6 +53,8 @@ class Job:
     control: Control = None      # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if self.device.type == "cuda":  # a compute phase ends when its kernels have, not when they are queued
+            self.timers.sync = lambda: torch.cuda.synchronize(self.device)
         self.transport = Transport(self.comm, self.device, self.timers, self.cfg.sfl.wire_dtype)
         self.control = Control(self.comm)
         role = self.layout.role(self.rank)
@@ -88,12 +91,16 @@ class Job:
         return every > 0 and (rnd + 1) % every == 0 and rnd + 1 < self.cfg.train.rounds
 
     def counters(self) -> dict:
-        """What every role's checkpoint carries besides its weights: RNG, timers, bytes sent."""
-        return {"rng": torch.get_rng_state(), "timers": dict(self.timers.seconds),
-                "bytes_sent": self.transport.bytes_sent}
+        """What every role's checkpoint carries besides its weights: RNG (the CPU's, and this rank's
+        GPU's), timers, bytes sent."""
+        cuda = self.device.type == "cuda"
+        return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+                "timers": dict(self.timers.seconds), "bytes_sent": self.transport.bytes_sent}
 
     def load_counters(self, state: dict) -> None:
         torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:  # a checkpoint from the CPU has none
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.timers.seconds.update(state["timers"])
         self.transport.bytes_sent = state["bytes_sent"]
 
@@ -132,6 +139,7 @@ class Job:
         row["skipped"], row["copies"], row["passes"] = skipped, copies, passes
         row["held"] = self.transport.buffer_bytes() + state_bytes
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+        row["peak_device"] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
         row["started"], row["startup"] = startup.STARTED, startup.seconds()
         return row

@@ -7,6 +7,7 @@ client ranks. Logical clients are dealt to client ranks in contiguous blocks (5 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,23 +103,49 @@ def check_launch(world: int) -> None:
 
 
 def local_rank(comm: MPI.Comm) -> tuple[int, int, int]:
-    """(rank among the ranks on this node, ranks on this node, of them training ranks: all but the
-    fed server, rank 0, which waits off the per-batch path)."""
+    """(this rank's slot on its node: its index among the node's training ranks, the fed server
+    (rank 0, which waits off the per-batch path) sharing slot 0; ranks on this node; of them
+    training ranks). Split_type keeps world order, so the fed server is node rank 0 where it is."""
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     fed_here = np.zeros(1, np.int32)
     node.Allreduce(np.array([int(comm.rank == 0)], np.int32), fed_here, op=MPI.MAX)
-    out = node.rank, node.size, node.size - int(fed_here[0])
+    out = max(0, node.rank - int(fed_here[0])), node.size, node.size - int(fed_here[0])
     node.Free()
     return out
 
 
-def pick_device(requested: str, local: int) -> torch.device:
-    """One CUDA device per rank (by local rank) when there is one, else the CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
+def pick_device(requested: str, slot: int) -> torch.device:
+    """The CPU, or GPU `slot` modulo the GPUs this rank sees (run.device = "cuda", or "auto" where
+    torch sees one): training ranks take their node's GPUs in turn, the fed server shares the first
+    training rank's. The GPU is made current and probed with one small kernel, so that a busy,
+    exclusive-mode or broken GPU ends the set-up with one line instead of a traceback later."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise UserError("run.device = 'cuda' but torch sees no CUDA device; use run.device = 'auto'")
-    if requested != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device("cpu")
+    count = torch.cuda.device_count()
+    device = torch.device("cuda", slot % count)
+    try:
+        torch.cuda.set_device(device)
+        torch.ones(1, device=device).add_(1).cpu()
+    except (RuntimeError, AssertionError) as exc:  # busy, exclusive-mode, out of memory; a torch without CUDA
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot use GPU {device.index} (of {count} visible) on {socket.gethostname()}: {why}; "
+                        "give each rank a free GPU (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES) "
+                        "or set run.device = 'cpu'") from None
+    return device
+
+
+def set_numerics(device: torch.device, deterministic: bool) -> None:
+    """run.deterministic on a GPU: cuDNN's deterministic kernels, no autotuning, no TF32 (the same
+    bits on every run, and float32 arithmetic that the exactness bound assumes); off: torch's
+    defaults plus cuDNN autotuning (faster, not reproducible). The CPU is always deterministic."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch's default: set anyway (a warm launch runs several jobs)
+    torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def set_threads(requested: int, local_size: int) -> int:

@@ -40,6 +40,7 @@ def role_rows(stats: np.ndarray) -> dict:
         if len(rows):
             out[name] = {"ranks": int(len(rows)), "bytes_sent": int(rows["bytes_sent"].sum()),
                          "peak_rss_mb": round(float(rows["peak_rss"].max()) / 2**20, 1),
+                         "peak_device_mb": round(float(rows["peak_device"].max()) / 2**20, 1),
                          "held_mb": round(float(rows["held"].max()) / 2**20, 3),
                          "working_copies": int(rows["copies"].max()), "passes": int(rows["passes"].sum()),
                          "seconds": {p: round(float(rows["phases"][:, i].max()), 4) for i, p in enumerate(PHASES)}}

@@ -208,7 +208,7 @@ class FileState(MemoryState):
         slot, seed, shape, dtype = self._names.pop(key)
         buf = self._read.get((shape, dtype))
         if buf is None:
-            buf = self._read[(shape, dtype)] = torch.empty(shape, dtype=dtype)
+            buf = self._read[(shape, dtype)] = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
             self.hold(buf.nbytes)
         magic = np.zeros(2, dtype=np.int64)
         data = memoryview(as_buffer(buf.detach())).cast("B")  # the last recompute set requires_grad

@@ -25,7 +25,7 @@ from . import checkpoint, client, config, control, data, fed_server, models, out
 from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
-from .layout import CLIENT, FED, ROLE_NAMES, SERVER, Layout, check_launch, local_rank, pick_device, set_threads
+from .layout import CLIENT, FED, ROLE_NAMES, SERVER, Layout, check_launch, local_rank, pick_device, set_numerics, set_threads
 from .aggregation import check_robust
 from .outdir import atomic_write, strict_json
 from .outputs import partition_report, space_needed
@@ -53,7 +53,7 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
 
 
 def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str, held: list[str]) -> None:
-    local, local_size, training_here = local_rank(comm)
+    slot, local_size, training_here = local_rank(comm)
     startup.mark("node")
 
     def setup():
@@ -86,7 +86,8 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
     made: list[Path] = []  # this rank's scratch dir, once made
 
     def load():
-        device = pick_device(cfg.run.device, local)
+        device = pick_device(cfg.run.device, slot)
+        set_numerics(device, cfg.run.deterministic)
         set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         shards = data.partition(labels, layout.clients, cfg)

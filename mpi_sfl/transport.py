@@ -56,13 +56,17 @@ class Wire:
                       "int8": torch.int8}[fmt]
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """The wire form of a float32 tensor (CPU, contiguous)."""
+        """The wire form of a float32 tensor (contiguous), on its own device: a GPU narrows before the
+        copy to the host. Every division is by a tensor of the same shape: CUDA divides by a scalar
+        through its reciprocal, which can differ from the CPU's quotient by an ulp; elementwise float32
+        division is correctly rounded on both, so a scale has the same bits wherever it is packed."""
         if self.fmt == "float32" or t.dtype != torch.float32 or not t.numel():
             return t
         if self.fmt != "int8":
             return t.to(self.dtype)
         rows = t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1)
-        scale = rows.abs().amax(dim=1) / 127.0
+        top = rows.abs().amax(dim=1)
+        scale = top / torch.full_like(top, 127.0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return torch.cat([scale.view(torch.uint8), q.reshape(-1).view(torch.uint8)]).view(torch.int8)
@@ -242,13 +246,12 @@ class Transport:
               dropped: bool = False) -> None:
         """Start sending `tensor`; it is kept alive until the send completes. Do not modify it."""
         self.reap()
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")  # host staging; the copy synchronizes with the producing stream
-        t = t.contiguous()
+        t = tensor.detach().contiguous()
         shape = tuple(t.shape)
         if kind in FLOAT_KINDS:
-            t = self.wire.pack(t)
+            t = self.wire.pack(t)  # narrowed where it is: fewer bytes cross to the host
+        if t.device.type != "cpu":
+            t = t.to("cpu")  # host staging; the copy synchronizes with the producing stream
         header = Header(kind, rnd, step, client, t.dtype, shape, dropped)
         payload = as_buffer(t)
         if payload.nbytes <= INLINE_BYTES:  # one message: header and payload (a copy of <= 16 KiB)
@@ -346,14 +349,16 @@ class Transport:
             key = (header.kind, header.shape, header.dtype)
             buf = self._pool.get(key)
             if buf is None:
-                buf = self._pool[key] = torch.empty(shape, dtype=header.dtype)
+                buf = self._pool[key] = torch.empty(shape, dtype=header.dtype, pin_memory=self.device.type == "cuda")
             t0 = MPI.Wtime()
             polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1),
                         who=lambda: describe(source), patience=self.patience)
             self.timers.add("p2p_wait", MPI.Wtime() - t0)
+        if self.device.type != "cpu":
+            buf = buf.to(self.device)  # the narrow form crosses to the GPU, widened there
         if header.kind in FLOAT_KINDS and self.wire.fmt != "float32":
             buf = Wire.unpack(buf, header.dtype, header.shape)
-        return buf if self.device.type == "cpu" else buf.to(self.device)
+        return buf
 
     def recv(self, source: int, kind: int) -> tuple[Header, torch.Tensor]:
         """Header and payload of the next `kind` message from `source` (MPI.ANY_SOURCE allowed)."""

@@ -23,7 +23,7 @@ from conftest import TINY, load_model, metrics, mpijobs, mpirun, ok, private_tmp
 pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 # Timing and memory fields differ between any two runs; everything else in a row must not.
-MEASURED = {"seconds", "phase_seconds", "peak_rss_mb", "held_mb"}
+MEASURED = {"seconds", "phase_seconds", "peak_rss_mb", "peak_device_mb", "held_mb"}  # peak_device_mb: on a GPU
 RESUMABLE = TINY + ["data.train_samples=960", "train.rounds=4", "train.clients=3"]
 
 
@@ -113,6 +113,7 @@ def test_resume_refuses_a_changed_run_and_extends_a_finished_one(tmp_path, tiny_
     base = tiny_run.settings + [f'run.out_dir="{out}"']
     refusals = ((["train.lr=0.1"], "cannot resume: train.lr = 0.1 here but 0.05"),
                 (["model.split=\"label-sharing\""], "cannot resume: model.split"),
+                (["run.deterministic=false"], "cannot resume: run.deterministic"),
                 ([], "has finished its 2 rounds; raise train.rounds"))
     (other_n,) = mpijobs(4, ["train", *sets(base), "--resume"], timeout=60)
     *refused, extended = mpijobs(3, *[["train", *sets(base + extra), "--resume"] for extra, _ in refusals],
