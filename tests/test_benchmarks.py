@@ -170,3 +170,24 @@ def test_scaling_then_model(suites):
     check_doc(model, "model")
     assert len(model["results"]["check"]) == len(scaling["results"])
     assert {r["clients"] for r in model["results"]["projection"]} == {2 ** i for i in range(11)}
+
+
+@pytest.mark.quick
+def test_gpu_check_dry_run_on_the_cpu(tmp_path_factory):
+    """benchmarks/gpu_check.py --device cpu --quick: every section runs and says so in its JSON
+    (on a GPU machine the same script is the measurement; here only its machinery)."""
+    out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
+    with private_tmpdir(tmp_path_factory):
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        launching()
+        proc = launcher.python(["-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--out", str(out)], 300,
+                               env=env, root=REPO, grace=0)
+    assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["failed"] == [] and doc["finished"]
+    assert set(doc["inprocess"]) == {"batchnorm_average", "placeholder_optimizer", "int8_wire_bits", "numerics"}
+    assert all(r["ok"] for section in ("inprocess", "exact", "repro") for r in doc[section].values())
+    assert doc["exact"]["mlp-int8"]["diff"] < doc["exact"]["mlp-int8"]["bound"]
+    assert doc["repro"]["rerun"]["diff"] == doc["repro"]["resume"]["diff"] == 0.0
+    assert {"baseline", "sfl_memory", "sfl_file"} <= set(doc["speed"]) and doc["speed"]["baseline"]["samples_per_s"] > 0
+    assert doc["speed"]["ratios"]["sfl_file_vs_baseline"] > 0
