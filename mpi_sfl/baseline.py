@@ -26,7 +26,7 @@ from .errors import UserError
 from .layout import pick_device, set_numerics, set_threads
 from .models import Part
 from .eager import SGD
-from .outputs import RunWriter, evaluate, space_needed
+from .outputs import RunWriter, cpu_per_sample, evaluate, space_needed
 from .transport import Wire
 
 
@@ -76,8 +76,9 @@ def _train(cfg, spec: models.Spec) -> dict:
     wire = Wire(cfg.sfl.wire_dtype)
     writer = RunWriter(cfg, cfg.train.rounds, "baseline")
     train_seconds, samples = 0.0, 0
+    rows = []
     for rnd in range(cfg.train.rounds):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         plan = data.RoundPlan.make(shards, cfg.train.batch_size, seed, rnd, cfg.train.clients_per_round)
         loss_sum = 0.0
         updates = schedule(cfg, plan)
@@ -102,15 +103,21 @@ def _train(cfg, spec: models.Spec) -> dict:
                     and plan.averages_after(step, cfg.train.aggregate_every):
                 for p in fresh:
                     opt.state.pop(p, None)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         train_seconds += seconds
         samples += plan.samples
         test_loss, test_acc = evaluate(model, test.x, test.y, device)
-        writer.round({"round": rnd, "rounds": cfg.train.rounds, "train_loss": loss_sum / plan.samples,
-                      "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
-                      "samples": plan.samples, "clients_trained": len(plan.batches)}, model)
+        cpu_eval = time.process_time() - cpu0 - cpu
+        rows.append({"round": rnd, "rounds": cfg.train.rounds, "train_loss": loss_sum / plan.samples,
+                     "test_loss": test_loss, "test_accuracy": test_acc, "seconds": round(seconds, 4),
+                     "samples": plan.samples, "clients_trained": len(plan.batches),
+                     # the same accounting as an SFL run's (timing.CPU_KINDS), for the one process
+                     "cpu_seconds": {"baseline": {"compute": round(cpu, 4), "eval": round(cpu_eval, 4),
+                                                  "total": round(cpu + cpu_eval, 4)}}})
+        writer.round(rows[-1], model)
     return writer.finish({"mode": "baseline", "variant": cfg.sfl.variant, "seconds": round(train_seconds, 3),
                           "ranks": 1, "train_samples_per_s": samples / train_seconds,
+                          "cpu_seconds_per_sample": cpu_per_sample(rows),
                           **({"peak_device_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
                              if device.type == "cuda" else {})})
 

@@ -21,7 +21,7 @@ from . import data, models, startup
 from .aggregation import Aggregator, flatten_params
 from .job import WEIGHTS_TAG, Job
 from .layout import FED, ROLE_NAMES
-from .outputs import RunWriter, evaluate, role_rows
+from .outputs import RunWriter, cpu_per_sample, evaluate, role_rows
 from .transport import describe, polite_wait
 
 
@@ -43,6 +43,7 @@ class FedServer:
         self.started = MPI.Wtime()
         self.writer: RunWriter | None = None
         self.evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
+        job.timers.clock = time.thread_time  # phases in two threads: each counts its own CPU (timing.py)
         self.pending: tuple[Future, dict] | None = None
         self.startup: dict | None = None  # this run's ranks' start-up phases (startup.py), from its first round's stats
         self.trained_at = float("nan")    # time.time() when training ended here (the benchmarks' exit phase)
@@ -95,7 +96,8 @@ class FedServer:
                "held_mb": {r: v["held_mb"] for r, v in roles.items() if r != "fed_server"},
                "working_copies": {r: v["working_copies"] for r, v in roles.items() if r != "fed_server"},
                "server_passes": roles.get("split_server", {}).get("passes", 0),
-               "phase_seconds": {r: v["seconds"] for r, v in roles.items()}}
+               "phase_seconds": {r: v["seconds"] for r, v in roles.items()},
+               "cpu_seconds": {r: v["cpu"] for r, v in roles.items()}}
         self.finish_eval()  # the model's weights are about to change
         self.client_flat[:-1].copy_(torch.from_numpy(self.client_buf[:-1]))
         if cfg.split:
@@ -154,6 +156,8 @@ class FedServer:
             "mode": "sfl", "variant": self.cfg.sfl.variant, "seconds": round(self.train_seconds, 3),
             "wall_seconds": round(self.wall + MPI.Wtime() - self.started, 3), "ranks": self.job.comm.size,
             "train_samples_per_s": self.samples / self.train_seconds if self.train_seconds else 0.0,
+            # every rank's CPU (user + system) over the rounds, per sample trained (timing.py)
+            "cpu_seconds_per_sample": cpu_per_sample(self.rows),
             "phase_seconds": roles,
             # Each role's slowest rank to its first step, by phase; then when training ended and
             # summary.json was written here, as time.time() (startup.py; `python -m benchmarks startup`).

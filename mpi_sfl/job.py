@@ -19,7 +19,7 @@ from .control import Control
 from .data import RoundPlan
 from .layout import CLIENT, FED, SERVER, Layout
 from .models import Spec
-from .timing import PHASES, Timers
+from .timing import CPU_KINDS, PHASES, Timers
 from .transport import Transport, polite_wait
 
 # One rank's round-end row, gathered at rank 0 (named fields over a float64 buffer).
@@ -30,6 +30,7 @@ STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np
                   ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one per group)
                   ("held", np.float64),    # peak bytes held for batches in flight (Transport.buffer_bytes + state)
                   ("phases", np.float64, (len(PHASES),)),
+                  ("cpu", np.float64, (len(CPU_KINDS),)),  # this round's CPU seconds by kind (timing.CPU_KINDS)
                   ("started", np.float64),  # this process's start (time.time()) and its start-up phases (startup.py)
                   ("startup", np.float64, (len(startup.PHASES),))])
 WEIGHTS_TAG = 100  # round-end weights to the fed server (not on the per-batch path)
@@ -141,6 +142,8 @@ class Job:
         row["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         row["peak_device"] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0.0
         row["round_seconds"], row["phases"] = round_seconds, self.timers.as_list()
+        cpu = self.timers.cpu_window()
+        row["cpu"] = [cpu[k] for k in CPU_KINDS]
         row["started"], row["startup"] = startup.STARTED, startup.seconds()
         return row
 

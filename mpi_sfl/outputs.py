@@ -14,7 +14,7 @@ from . import models
 from .config import to_toml
 from .layout import ROLE_NAMES
 from .outdir import atomic_torch_save, atomic_write, strict_json
-from .timing import PHASES
+from .timing import CPU_KINDS, PHASES
 
 
 @torch.no_grad()
@@ -43,8 +43,15 @@ def role_rows(stats: np.ndarray) -> dict:
                          "peak_device_mb": round(float(rows["peak_device"].max()) / 2**20, 1),
                          "held_mb": round(float(rows["held"].max()) / 2**20, 3),
                          "working_copies": int(rows["copies"].max()), "passes": int(rows["passes"].sum()),
-                         "seconds": {p: round(float(rows["phases"][:, i].max()), 4) for i, p in enumerate(PHASES)}}
+                         "seconds": {p: round(float(rows["phases"][:, i].max()), 4) for i, p in enumerate(PHASES)},
+                         "cpu": {k: round(float(rows["cpu"][:, i].sum()), 4) for i, k in enumerate(CPU_KINDS)}}
     return out
+
+
+def cpu_per_sample(rows: list[dict]) -> float:
+    """Every rank's CPU seconds (user + system) over the rounds of metrics `rows`, per sample trained."""
+    samples = sum(r["samples"] for r in rows)
+    return sum(v["total"] for r in rows for v in r["cpu_seconds"].values()) / samples if samples else 0.0
 
 
 def partition_report(labels: np.ndarray, shards: list[np.ndarray], classes: int) -> dict:

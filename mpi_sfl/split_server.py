@@ -114,7 +114,7 @@ class SplitServer:
         # sync with running buffers: the step's buffers, and each client's after its forward
         self.step_buffers: torch.Tensor | None = None
         self.client_buffers: dict[int, torch.Tensor] = {}
-        self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device)
+        self.state = make_state(cfg.sfl.state, cfg.grad_input, scratch, job.device, job.timers)
         self.batched = batches_clients(cfg, self.main.module)
         self.rank_of = {c: r for r in job.layout.client_ranks_of(job.rank) for c in job.layout.clients_of(r)}
         s = cfg.sfl  # v1 with a robust aggregator: the copies are combined like the client parts

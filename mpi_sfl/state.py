@@ -28,6 +28,7 @@ from torch import nn
 from . import eager, models
 from .errors import UserError
 from .outdir import pid_alive
+from .timing import Timers
 from .transport import as_buffer
 
 Key = tuple[int, int, int]  # (round, step, logical client)
@@ -166,9 +167,10 @@ class FileState(MemoryState):
     with it before the next batch is read). Only names this server made become paths.
     """
 
-    def __init__(self, grad_input: bool, scratch: Path, device: torch.device):
+    def __init__(self, grad_input: bool, scratch: Path, device: torch.device, timers: Timers | None = None):
         super().__init__(grad_input)
         self.scratch, self.device = scratch, device
+        self.timers = timers or Timers()  # its reads and writes are the phase scratch_io
         self._names: dict[Key, tuple[Slot, int, tuple[int, ...], torch.dtype]] = {}
         self._free: list[Slot] = []
         self._slots: list[Slot] = []
@@ -188,7 +190,8 @@ class FileState(MemoryState):
         slot = None
         try:
             slot = self._slot()
-            written = os.pwritev(slot.fd, [np.array([FILE_MAGIC, seed], dtype=np.int64), data], 0)
+            with self.timers.phase("scratch_io"):
+                written = os.pwritev(slot.fd, [np.array([FILE_MAGIC, seed], dtype=np.int64), data], 0)
             if written != 16 + data.nbytes:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as exc:
@@ -212,7 +215,8 @@ class FileState(MemoryState):
             self.hold(buf.nbytes)
         magic = np.zeros(2, dtype=np.int64)
         data = memoryview(as_buffer(buf.detach())).cast("B")  # the last recompute set requires_grad
-        got = os.preadv(slot.fd, [magic, data], 0)
+        with self.timers.phase("scratch_io"):
+            got = os.preadv(slot.fd, [magic, data], 0)
         self._free.append(slot)
         if got != 16 + data.nbytes or magic[0] != FILE_MAGIC or magic[1] != seed:
             raise RuntimeError(f"scratch file {self.scratch / slot.name} does not hold the activation written to it")
@@ -245,12 +249,12 @@ class FileState(MemoryState):
         self._read.clear()
 
 
-def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.device):
+def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.device, timers: Timers | None = None):
     if mode == "graph":
         return GraphState(grad_input)
     if mode == "memory":
         return MemoryState(grad_input)
-    return FileState(grad_input, scratch, device)
+    return FileState(grad_input, scratch, device, timers)
 
 
 # -- scratch directory ------------------------------------------------------------------------

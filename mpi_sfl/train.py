@@ -152,6 +152,7 @@ def run(job: Job, worker) -> int:
     """Train to the end or to the agreed stop; the exit code (0, EXIT_STOPPED or EXIT_FAILED).
     A peer timeout ends the job here with EXIT_TIMEOUT."""
     ctl, rounds = job.control, job.cfg.train.rounds
+    job.timers.cpu_window()  # the CPU accounting's window opens with the first step
     try:
         try:
             worker.train()

@@ -297,13 +297,12 @@ class Transport:
             return len(self._sending) > 1 and self._held_bytes - self._sending[-1][3] > limit
         if not over():
             return
-        t0 = MPI.Wtime()
-        while over():
-            reqs, dest, _, nbytes = self._sending[0]
-            polite_wait(reqs, who=lambda: describe(dest) + " to take this rank's messages", patience=self.patience)
-            self._sending.popleft()
-            self._held_bytes -= nbytes
-        self.timers.add("p2p_wait", MPI.Wtime() - t0)
+        with self.timers.phase("p2p_wait"):
+            while over():
+                reqs, dest, _, nbytes = self._sending[0]
+                polite_wait(reqs, who=lambda: describe(dest) + " to take this rank's messages", patience=self.patience)
+                self._sending.popleft()
+                self._held_bytes -= nbytes
 
     def buffer_bytes(self) -> int:
         """The most bytes this rank held at once for its sends, plus its reused receive buffers."""
@@ -317,11 +316,10 @@ class Transport:
     def wait_sends(self) -> None:
         """Complete every outstanding send and release its buffers."""
         if self._sending:
-            t0 = MPI.Wtime()
-            polite_wait([r for reqs, _, _, _ in self._sending for r in reqs],
-                        who=lambda: " and ".join(describe(d) for d in self.owed()) + " to take this rank's messages",
-                        patience=self.patience)
-            self.timers.add("p2p_wait", MPI.Wtime() - t0)
+            with self.timers.phase("p2p_wait"):
+                polite_wait([r for reqs, _, _, _ in self._sending for r in reqs],
+                            who=lambda: " and ".join(describe(d) for d in self.owed()) + " to take this rank's messages",
+                            patience=self.patience)
             self._sending.clear()
             self._held_bytes = 0
             self._sweep_at, self._sweep_bytes = 16, REAP_BYTES
@@ -350,10 +348,9 @@ class Transport:
             buf = self._pool.get(key)
             if buf is None:
                 buf = self._pool[key] = torch.empty(shape, dtype=header.dtype, pin_memory=self.device.type == "cuda")
-            t0 = MPI.Wtime()
-            polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1),
-                        who=lambda: describe(source), patience=self.patience)
-            self.timers.add("p2p_wait", MPI.Wtime() - t0)
+            with self.timers.phase("p2p_wait"):
+                polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1),
+                            who=lambda: describe(source), patience=self.patience)
         if self.device.type != "cpu":
             buf = buf.to(self.device)  # the narrow form crosses to the GPU, widened there
         if header.kind in FLOAT_KINDS and self.wire.fmt != "float32":
@@ -369,9 +366,8 @@ class Transport:
         return header, self.recv_payload(header, status.Get_source())
 
     def wait(self, req: MPI.Request, status: MPI.Status | None = None, who="a peer") -> None:
-        t0 = MPI.Wtime()
-        polite_wait(req, status=status, who=who, patience=self.patience)
-        self.timers.add("p2p_wait", MPI.Wtime() - t0)
+        with self.timers.phase("p2p_wait"):
+            polite_wait(req, status=status, who=who, patience=self.patience)
 
 
 class Inbox:
@@ -403,9 +399,8 @@ class Inbox:
 
     def next(self) -> tuple[int, Header]:
         """(source, header) of the next message; receive its payload with recv_payload."""
-        t0 = MPI.Wtime()
-        idx = polite_wait(self.reqs, any_=True, who=self.owing, patience=self.t.patience)
-        self.t.timers.add("p2p_wait", MPI.Wtime() - t0)
+        with self.t.timers.phase("p2p_wait"):
+            idx = polite_wait(self.reqs, any_=True, who=self.owing, patience=self.t.patience)
         src, kind, header = self.meta[idx]
         self.left[(src, kind)] -= 1
         if self.left[(src, kind)]:

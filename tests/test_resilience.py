@@ -23,7 +23,7 @@ from conftest import TINY, load_model, metrics, mpijobs, mpirun, ok, private_tmp
 pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
 # Timing and memory fields differ between any two runs; everything else in a row must not.
-MEASURED = {"seconds", "phase_seconds", "peak_rss_mb", "peak_device_mb", "held_mb"}  # peak_device_mb: on a GPU
+MEASURED = {"seconds", "phase_seconds", "cpu_seconds", "peak_rss_mb", "peak_device_mb", "held_mb"}  # peak_device_mb: on a GPU
 RESUMABLE = TINY + ["data.train_samples=960", "train.rounds=4", "train.clients=3"]
 
 

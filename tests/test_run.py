@@ -15,7 +15,9 @@ import pytest
 from conftest import TINY, baseline, baseline_process, load_model, metrics, mpijobs, mpirun, mpiscript, ok, sets
 from mpi_sfl import config
 from mpi_sfl.outdir import pid_alive
+from mpi_sfl.outputs import cpu_per_sample
 from mpi_sfl.state import scratch_owner
+from mpi_sfl.timing import CPU_KINDS
 
 pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
@@ -45,6 +47,15 @@ def test_outputs_reproducibility_and_scratch(tmp_path):
     assert all(v > 0 for v in a[0]["peak_rss_mb"].values())
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["final_test_accuracy"] == a[-1]["test_accuracy"] and summary["train_samples_per_s"] > 0
+    for row in a:  # every rank's CPU by kind, summed per role (timing.py); the kinds add up to the total
+        assert set(row["cpu_seconds"]) == {"fed_server", "split_server", "client"}
+        for role, cpu in row["cpu_seconds"].items():
+            assert list(cpu) == list(CPU_KINDS) and all(v >= 0 for v in cpu.values()), (role, cpu)
+            assert abs(sum(v for k, v in cpu.items() if k != "total") - cpu["total"]) < 1e-3, (role, cpu)
+        assert row["cpu_seconds"]["split_server"]["compute"] > 0 and row["cpu_seconds"]["split_server"]["scratch_io"] > 0
+        assert row["cpu_seconds"]["client"]["compute"] > 0 and row["cpu_seconds"]["fed_server"]["aggregation"] > 0
+    assert a[-1]["cpu_seconds"]["fed_server"]["eval"] > 0  # round 1's evaluation, counted in round 2
+    assert summary["cpu_seconds_per_sample"] == pytest.approx(cpu_per_sample(a)) and summary["cpu_seconds_per_sample"] > 0
     resolved = config.load(str(runs[0] / "config.toml"))
     assert resolved.train.clients == 3 and resolved.run.out_dir == str(runs[0])
     assert torch.equal(torch.cat([v.flatten() for v in load_model(runs[0]).values()]),
@@ -67,7 +78,10 @@ def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory, tiny_run):
     assert sorted(os.listdir(sfl_out)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "partition.json",
                                            "ranks.tsv", "summary.json"]  # SFL also: its checkpoint, partition, ranks
     assert load_model(tmp_path).keys() == load_model(sfl_out).keys()
-    assert len(metrics(tmp_path)) == 2
+    rows = metrics(tmp_path)
+    assert len(rows) == 2 and all(r["cpu_seconds"]["baseline"]["total"] > 0 for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())  # the same figure as an SFL run's
+    assert summary["cpu_seconds_per_sample"] == pytest.approx(cpu_per_sample(rows)) and cpu_per_sample(rows) > 0
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"', "--overwrite"))
     assert len(metrics(tmp_path)) == 2 and not (tmp_path / ".lock").exists()
 
