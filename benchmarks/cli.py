@@ -16,6 +16,8 @@ Suites (benchmarks/README.md):
   precision   test accuracy and bytes of each sfl.wire_dtype (float32, float16, bfloat16, int8)
   step        one step's microseconds per batch, piece by piece (compute, scratch, messages, other)
   batching    sync with the split server batching a step's clients (sfl.batch_clients) or not, vs baseline
+  cpu         each rank's CPU by role and kind (compute, scratch I/O, waiting, ...) for mlp, lenet5, cnn,
+              against the single-process baseline's CPU per sample (one thread) and samples/s (all cores)
   startup     a tiny 4-rank job's wall time vs `mpiexec -n 4 python -c "import torch"`, and each role's
               time to its first step by phase (--against CHECKOUT: the same job from another checkout too)
   model       analytic cost model (benchmarks/cost_model.py): checked against scaling, projected
@@ -39,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import (aggregate, attacks, batching, clients, common, memory, model, noise, precision, scaling,
-                        startup, step, throughput, variants, wire)
+from benchmarks import (aggregate, attacks, batching, clients, common, cpu, memory, model, noise, precision,
+                        scaling, startup, step, throughput, variants, wire)
 from benchmarks.common import REPO
 
 # The driver only: this registry, argument parsing, and writing and printing a suite's result.
@@ -63,6 +65,7 @@ SUITES = {
     "precision": precision.run,
     "step": step.run,
     "batching": batching.run,
+    "cpu": cpu.run,
     "startup": startup.run,
     "model": model.run,
 }

@@ -28,6 +28,8 @@ FIELDS = {
     "variants": ["baseline_final_accuracy_iid", "fl_final_accuracy_iid", "sl_final_accuracy_iid",
                  "v1_final_accuracy_iid", "v2_final_accuracy_iid", "sync_final_accuracy_iid",
                  "sl_seconds_over_sync_iid", "sync_vs_baseline_samples_per_s_iid"],
+    "cpu": ["mlp_sfl_file_cpu_vs_1_thread", "mlp_sfl_graph_cpu_vs_1_thread", "mlp_sfl_file_vs_baseline_speed",
+            "mlp_sfl_graph_vs_baseline_speed"],
     "startup": ["job_wall_s", "import_wall_s", "to_first_step_s", "outputs_s", "exit_s"],
     "model": ["t_client_us_per_sample", "t_server_us_per_sample_file", "link_latency_us", "link_GBps",
               "check_median_abs_error", "projected_speedup_1024_s1", "projected_speedup_1024_s64"],
@@ -143,6 +145,22 @@ def test_batching(suites):
     steps = 256 // 2 // 64  # 2 clients of 128 samples (one per client rank), batch 64
     assert [rows[m]["server_passes_per_round"] for m in ("off", "rank", "step")] == [2 * steps, 2 * steps, steps]
     assert all(math.isfinite(v) and v > 0 for v in doc["summary"].values())
+
+
+def test_cpu(suites):
+    """Each run's own CPU accounting, side by side: SFL's CPU per sample by role and kind adds up
+    to its summary's figure."""
+    doc = bench(suites, "cpu")
+    check_doc(doc, "cpu")
+    runs = {r["run"]: r for r in doc["results"]["runs"]}
+    assert set(runs) == {"sfl_file", "sfl_graph", "baseline", "baseline_1t"}
+    assert runs["baseline_1t"]["cpu_vs_1_thread"] == 1.0
+    for state in ("file", "graph"):
+        parts = [p for p in doc["results"]["breakdown"] if p["state"] == state]
+        assert {p["role"] for p in parts} == {"fed_server", "split_server", "client"}
+        assert sum(p["total"] for p in parts) == pytest.approx(runs[f"sfl_{state}"]["cpu_us_per_sample"], rel=1e-3)
+        split = next(p for p in parts if p["role"] == "split_server")
+        assert split["compute"] > 0 and (split["scratch_io"] > 0) == (state == "file")
 
 
 def test_startup(suites):
