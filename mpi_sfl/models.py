@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -360,6 +361,69 @@ def seed_rng(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(seed)
+
+
+class ChunkSeeds(NamedTuple):
+    """The seeds of a batch made of several clients' batches (cross-client batching): rows
+    [sum(sizes[:i]), sum(sizes[:i+1])) are client i's batch, which draws its random numbers from
+    seeds[i] as its own forward would."""
+    seeds: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def rows(self, rows: torch.Tensor) -> "ChunkSeeds":
+        """The chunks whose rows are in `rows` (a batch without some clients' whole batches)."""
+        present, start, kept = set(rows.tolist()), 0, []
+        for i, n in enumerate(self.sizes):
+            if start in present:
+                kept.append(i)
+            start += n
+        return ChunkSeeds(tuple(self.seeds[i] for i in kept), tuple(self.sizes[i] for i in kept))
+
+
+def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+@contextmanager
+def seeded(seed: "int | ChunkSeeds", module: nn.Module) -> Iterator[None]:
+    """Run a forward of `module` (inside the block) under `seed`: seed_rng(seed); or, for
+    ChunkSeeds, each dropout layer runs chunk by chunk, chunk i from a generator state of its own
+    that starts at seeds[i] and carries from one dropout layer to the next, so each client's rows
+    get the masks its unbatched forward draws (docs/design.md §3.12). Layers other than dropout run
+    on the whole batch."""
+    if not isinstance(seed, ChunkSeeds):
+        seed_rng(seed)
+        yield
+        return
+    drops = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    states = []
+    for s in seed.seeds if drops else ():
+        seed_rng(s)
+        states.append(_rng_state())
+
+    def chunked(forward):
+        def each_chunk(x: torch.Tensor) -> torch.Tensor:
+            out = []
+            for i, rows in enumerate(x.split(seed.sizes)):
+                _set_rng_state(states[i])
+                out.append(forward(rows))
+                states[i] = _rng_state()
+            return torch.cat(out)
+        return each_chunk
+
+    for m in drops:
+        m.forward = chunked(m.forward)  # an instance attribute over the class's method, until the end
+    try:
+        yield
+    finally:
+        for m in drops:
+            del m.forward
 
 
 def batch_seed(seed: int, rnd: int, step: int, client: int, part: Part) -> int:

@@ -45,10 +45,15 @@ def finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
 
 
+GROUP_ROWS = 256  # the most samples one batched pass runs (batch_groups); a larger client batch runs alone
+
+
 def batches_clients(cfg, body: nn.Module) -> bool:
     """sfl.batch_clients: sync runs groups of a step's client batches as one batch, where that is the
-    same function as one batch at a time: f_s draws no random numbers and keeps no running buffers."""
-    return cfg.sfl.batch_clients != "off" and cfg.sfl.variant == "sync" and not models.per_batch(body)
+    same function as one batch at a time: f_s keeps no running buffers (BatchNorm normalizes each
+    client's batch by its own statistics). Dropout is fine: each client's rows draw their masks from
+    that client's seed (models.seeded with ChunkSeeds)."""
+    return cfg.sfl.batch_clients != "off" and cfg.sfl.variant == "sync" and not models.buffers(body)
 
 
 @dataclass
@@ -153,7 +158,7 @@ class SplitServer:
                 self.main.grad.zero_()
                 if variant == "sync" and self.main.buffers.numel():
                     self.step_buffers, self.client_buffers = self.main.buffers.clone(), {}
-                groups = self.batch_groups(active) if self.batched else []
+                groups = self.batch_groups(plan, step, active) if self.batched else []
                 if any(len(g) > 1 for g in groups):
                     self.serve_batched(plan, step, groups)
                 else:  # one batch at a time (a group of one is that, without the copies)
@@ -227,6 +232,10 @@ class SplitServer:
     def seed(self, plan: data.RoundPlan, step: int, client: int) -> int:
         return models.batch_seed(self.cfg.run.seed, plan.rnd, step, client, Part.BODY)
 
+    def group_seeds(self, plan: data.RoundPlan, step: int, members: list[int], sizes: list[int]) -> models.ChunkSeeds:
+        """A batched group's seeds: each member's rows draw what its own forward would."""
+        return models.ChunkSeeds(tuple(self.seed(plan, step, c) for c in members), tuple(sizes))
+
     def forward_from_step_buffers(self, client: int, forward):
         """sync: `forward()` of one client's batch from the step's running buffers, keeping the
         buffers it leaves for the step's average (learn). Other variants: just `forward()`."""
@@ -296,16 +305,26 @@ class SplitServer:
                 done += 1
         t.wait_sends()
 
-    def batch_groups(self, active: list[int]) -> list[list[int]]:
+    def batch_groups(self, plan: data.RoundPlan, step: int, active: list[int]) -> list[list[int]]:
         """sfl.batch_clients: "step": all of the step's clients on this server as one group;
         "rank": one group per client rank (its logical clients), so the server forwards one rank's
-        batches while the next rank is still computing its own."""
-        if self.cfg.sfl.batch_clients == "step":
-            return [list(active)]
-        groups: dict[int, list[int]] = {}
+        batches while the next rank is still computing its own. Either way a group is cut after
+        GROUP_ROWS samples: a batched pass's activations, held all at once, stay bounded however
+        many logical clients a rank hosts (the split server's memory stays flat in them)."""
+        by_rank: dict[int, list[int]] = {}
         for c in active:
-            groups.setdefault(self.rank_of[c], []).append(c)
-        return list(groups.values())
+            by_rank.setdefault(0 if self.cfg.sfl.batch_clients == "step" else self.rank_of[c], []).append(c)
+        groups = []
+        for members in by_rank.values():
+            rows = GROUP_ROWS  # start a new group at the first member
+            for c in members:
+                n = plan.batch_len(c, step)
+                if rows + n > GROUP_ROWS:
+                    groups.append([])
+                    rows = 0
+                groups[-1].append(c)
+                rows += n
+        return groups
 
     def forward_group(self, plan: data.RoundPlan, step: int, g: int, members: list[int],
                       h: list[torch.Tensor]) -> list[int]:
@@ -313,7 +332,7 @@ class SplitServer:
         sizes = [len(x) for x in h]
         with self.job.timers.phase("server_compute"):
             z = self.state.forward((plan.rnd, step, -1 - g), self.main.module, torch.cat(h),
-                                   self.seed(plan, step, members[0]))
+                                   self.group_seeds(plan, step, members, sizes))
         self.passes += 1
         for c, rows in zip(members, z.split(sizes)):
             self.job.transport.isend(rows, self.rank_of[c], OUT, plan.rnd, step, c)
@@ -373,7 +392,9 @@ class SplitServer:
         kept = list(range(len(active)))
         while True:
             h.requires_grad_(self.cfg.grad_input)
-            losses = F.cross_entropy(self.main.module(h), y, reduction="none")
+            with models.seeded(self.group_seeds(plan, step, [active[i] for i in kept], [sizes[i] for i in kept]),
+                               self.main.module):
+                losses = F.cross_entropy(self.main.module(h), y, reduction="none")
             self.passes += 1
             sums = torch.stack([s.sum() for s in losses.split([sizes[i] for i in kept])])
             bad = [i for i, ok in zip(kept, torch.isfinite(sums).tolist()) if not ok]

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .timing import Timers
 from .transport import as_buffer
 
 Key = tuple[int, int, int]  # (round, step, logical client)
+Seed = "int | models.ChunkSeeds"  # a batch's seed, or its clients' (cross-client batching)
 FILE_MAGIC = 0x5346_4C31  # "SFL1"
 
 
@@ -50,6 +52,7 @@ class GraphState:
         self.bytes = 0       # bytes of the tensors it keeps in RAM: kept h (and z), read buffers
         self.peak_bytes = 0  # the most it kept at once (not counting the graphs behind z)
         self._pre: dict[Key, list[torch.Tensor]] = {}      # running buffers before a batch's forward
+        self._seeds: dict[Key, models.ChunkSeeds] = {}    # graph: a batched forward's clients' seeds
         self._buffers: dict[int, list[torch.Tensor]] = {}  # id(body) -> its buffers (fixed views)
 
     def buffers(self, body: nn.Module) -> list[torch.Tensor]:
@@ -75,22 +78,25 @@ class GraphState:
             self.hold(-h.nbytes - (other.nbytes if isinstance(other, torch.Tensor) else 0))
         return kept
 
-    def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
+    def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: Seed) -> torch.Tensor:
         h = h.clone().requires_grad_(self.grad_input)  # the received buffer is reused
-        models.seed_rng(seed)
-        z = body(h)
+        with models.seeded(seed, body):
+            z = body(h)
         self.keep(key, h, z)
+        if isinstance(seed, models.ChunkSeeds):  # a recompute of some of its clients' rows needs them
+            self._seeds[key] = seed
         return z.detach()
 
     def backward(self, key: Key, body: nn.Module, delta: torch.Tensor, rows: torch.Tensor | None = None
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The parameters' gradients and dl/dh for delta = dl/dz. `rows`: backpropagate only these
-        samples of h (a batch of several clients' batches, some dropped; the part is then one that
-        treats each sample alone, models.per_batch, so recomputing them is exact)."""
+        samples of h (a batch of several clients' batches, some dropped; the part then has no
+        running buffers, and its dropout replays the kept clients' seeds, so the recompute is exact)."""
         h, z = self.pop(key)
+        seed = self._seeds.pop(key, None)
         if rows is not None:
             h = h.detach()[rows].requires_grad_(self.grad_input)
-            with torch.enable_grad():
+            with torch.enable_grad(), (models.seeded(seed.rows(rows), body) if seed else nullcontext()):
                 z = body(h)
         return self._grads(body, z, h, delta)
 
@@ -103,6 +109,7 @@ class GraphState:
         """Forget a batch whose backward will not come (its client dropped it)."""
         self.pop(key)
         self._pre.pop(key, None)
+        self._seeds.pop(key, None)
 
     def in_flight(self) -> int:
         return len(self._kept)
@@ -110,18 +117,18 @@ class GraphState:
     def close(self) -> None:
         self._kept.clear()
         self._pre.clear()
+        self._seeds.clear()
         self.bytes = 0
 
 
 class MemoryState(GraphState):
     """Keeps the input only; recomputes the forward with autograd on when delta arrives."""
 
-    def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: int) -> torch.Tensor:
+    def forward(self, key: Key, body: nn.Module, h: torch.Tensor, seed: Seed) -> torch.Tensor:
         bufs = self.buffers(body)
         if bufs:
             self._pre[key] = models.snapshot(bufs)
-        with torch.no_grad():
-            models.seed_rng(seed)
+        with torch.no_grad(), models.seeded(seed, body):
             z = body(h)
         self._put(key, h, seed)
         return z
@@ -130,20 +137,21 @@ class MemoryState(GraphState):
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         h, seed = self._take(key)
         h = (h if rows is None else h[rows]).requires_grad_(self.grad_input)
+        if rows is not None and isinstance(seed, models.ChunkSeeds):
+            seed = seed.rows(rows)
         pre = self._pre.pop(key, None)
         if pre is not None:  # recompute under the buffers the forward saw, then put back what it left
             bufs = self.buffers(body)
             after = models.snapshot(bufs)
             models.restore(bufs, pre)
-        with torch.enable_grad():
-            models.seed_rng(seed)
+        with torch.enable_grad(), models.seeded(seed, body):
             z = body(h)
         grads = self._grads(body, z, h, delta)
         if pre is not None:  # after the backward, which reads the buffers its forward saw
             models.restore(bufs, after)
         return grads
 
-    def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
+    def _put(self, key: Key, h: torch.Tensor, seed: Seed) -> None:
         self.keep(key, h.clone(), seed)
 
     def _take(self, key: Key) -> tuple[torch.Tensor, int]:
@@ -184,14 +192,14 @@ class FileState(MemoryState):
         self._slots.append(slot)
         return slot
 
-    def _put(self, key: Key, h: torch.Tensor, seed: int) -> None:
+    def _put(self, key: Key, h: torch.Tensor, seed: Seed) -> None:
         t = h.detach().to("cpu").contiguous()
         data = memoryview(as_buffer(t)).cast("B")
         slot = None
         try:
             slot = self._slot()
             with self.timers.phase("scratch_io"):
-                written = os.pwritev(slot.fd, [np.array([FILE_MAGIC, seed], dtype=np.int64), data], 0)
+                written = os.pwritev(slot.fd, [np.array([FILE_MAGIC, check(seed)], dtype=np.int64), data], 0)
             if written != 16 + data.nbytes:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as exc:
@@ -218,7 +226,7 @@ class FileState(MemoryState):
         with self.timers.phase("scratch_io"):
             got = os.preadv(slot.fd, [magic, data], 0)
         self._free.append(slot)
-        if got != 16 + data.nbytes or magic[0] != FILE_MAGIC or magic[1] != seed:
+        if got != 16 + data.nbytes or magic[0] != FILE_MAGIC or magic[1] != check(seed):
             raise RuntimeError(f"scratch file {self.scratch / slot.name} does not hold the activation written to it")
         return (buf if self.device.type == "cpu" else buf.to(self.device)), seed
 
@@ -247,6 +255,11 @@ class FileState(MemoryState):
         self._names.clear()
         self._free.clear()
         self._read.clear()
+
+
+def check(seed: Seed) -> int:
+    """The seed's int64 that a scratch file holds, to tell it was written for this batch."""
+    return seed.seeds[0] if isinstance(seed, models.ChunkSeeds) else seed
 
 
 def make_state(mode: str, grad_input: bool, scratch: Path | None, device: torch.device, timers: Timers | None = None):

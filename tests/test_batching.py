@@ -1,5 +1,6 @@
 """Cross-client batching on the split server (sfl.batch_clients, docs/design.md §3.12): for a
-server part that treats each sample alone (no dropout, no BatchNorm), sync's step over several
+server part without running buffers (no BatchNorm; dropout draws each client's masks from its own
+seed), sync's step over several
 clients' batches run in groups of batches, each as one batch, is the same update as one batch at a
 time, to float32 round-off, and so lands on the single-process baseline; the split server then runs
 one forward per group ("rank": a client rank's logical clients, "step": all of them). "Round-off" is
@@ -20,7 +21,7 @@ STEPS = 240 // 5 // 8  # each client's shard in batches of 8: 6 steps a round, 5
 
 MODES = ("off", "rank", "step")
 TWO = COMMON + ['model.name="mlp"']
-DROPOUT = TINY + ["train.clients=3", 'model.name="cnn"', "train.rounds=1", 'sfl.batch_clients="step"']
+DROPOUT = TINY + ["train.clients=3", "train.aggregate_every=1", 'model.name="cnn"', "train.rounds=1", 'sfl.batch_clients="step"']
 
 
 def split_common(split: str) -> list[str]:
@@ -69,7 +70,14 @@ def test_two_split_servers_batch_their_own_clients(tmp_path, sfl):
           "batching 2 servers: step vs baseline")
 
 
-def test_a_dropout_body_is_not_batched(tmp_path, sfl):
-    """cnn's server part has dropout, whose masks are drawn per client batch: one pass a batch."""
-    _, rows = train(tmp_path, "cnn", "cnn", sfl)
-    assert [r["server_passes"] for r in rows] == [3 * (240 // 3 // 16)]
+def test_a_dropout_body_is_batched_with_each_clients_masks(tmp_path, sfl):
+    """cnn's server part has dropout: batched, each client's rows draw the masks of its own seed
+    (models.ChunkSeeds), so the step's one pass lands on the baseline, which draws them per client
+    batch; a mask shared by the group would not (tests/test_state.py, the control)."""
+    model, rows = train(tmp_path, "cnn", "cnn", sfl)
+    assert [r["server_passes"] for r in rows] == [240 // 3 // 16]  # one pass a step ("step")
+    common = [s for s in DROPOUT if not s.startswith("sfl.")]
+    ok(baseline(*sets(common + [f'run.out_dir="{tmp_path / "base"}"'])))
+    ref = load_model(tmp_path / "base")
+    close(model, ref, roundoff_bound(tmp_path, ref, None, common, "batching cnn: nudged baseline"),
+          "batching cnn (dropout): step vs baseline")

@@ -158,3 +158,40 @@ def test_what_a_state_keeps_in_ram_per_batch_in_flight(tmp_path, inflight):
         assert st.peak_bytes == want[mode], mode
         assert st.bytes == (h.nbytes if mode == "file" else 0), mode
         st.close()
+
+
+def test_a_batched_forward_draws_each_clients_own_masks(tmp_path):
+    """Cross-client batching with dropout (models.seeded with ChunkSeeds): three clients' batches
+    as one through two dropout layers give each client's rows the masks of its own forward, seeded
+    with its own seed — bit for bit (dropout is elementwise: nothing else to round) — with the
+    generator state carried from the first dropout layer to the second; the state modes keep the
+    seeds and recompute the same, also for two clients' rows of the three (one dropped). Control: one
+    seed for the whole batch, a mask shared across clients, is another function."""
+    body = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Dropout(0.3))
+    sizes, seeds = (5, 8, 3), (11, 22, 33)
+    h = torch.randn(sum(sizes), 4, 6, generator=torch.Generator().manual_seed(0)) + 3
+    delta = torch.randn_like(h)
+    x = h.clone().requires_grad_(True)
+    own = torch.cat([body(part) for part, s in zip(x.split(sizes), seeds) if models.seed_rng(s) is None])
+    own_grad = torch.autograd.grad(own, x, delta)[0]
+    own = own.detach()
+    chunks = models.ChunkSeeds(seeds, sizes)
+    with models.seeded(chunks, body):
+        batched = body(h)
+    assert torch.equal(batched, own)
+    assert all("forward" not in vars(m) for m in body.modules())  # the layers are themselves again
+    with models.seeded(seeds[0], body):
+        shared = body(h)
+    assert (shared != own).float().mean() > 0.2  # the control: masks differ on a large share of values
+    keep = torch.cat([torch.arange(0, 5), torch.arange(13, 16)])  # clients 0 and 2; client 1 dropped
+    results = {}
+    for mode in ("graph", "memory", "file"):
+        st = make_state(mode, True, make_scratch(str(tmp_path), mode), torch.device("cpu"))
+        z = st.forward((0, 0, -1), body, h, chunks)
+        st.forward((0, 0, -2), body, h, chunks)
+        results[mode] = z, st.backward((0, 0, -1), body, delta), st.backward((0, 0, -2), body, delta[keep], keep)
+        st.close()
+    for mode, (z, (_, gh), (_, gh_kept)) in results.items():
+        assert torch.equal(z, own), mode
+        assert torch.equal(gh, own_grad), mode
+        assert torch.equal(gh_kept, gh[keep]), mode

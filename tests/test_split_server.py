@@ -1,0 +1,28 @@
+"""The split server's grouping of client batches for cross-client batching, in-process."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mpi_sfl.split_server import GROUP_ROWS, SplitServer
+
+
+def groups(mode: str, rank_of: dict[int, int], sizes: dict[int, int]) -> list[list[int]]:
+    server = SimpleNamespace(cfg=SimpleNamespace(sfl=SimpleNamespace(batch_clients=mode)), rank_of=rank_of)
+    plan = SimpleNamespace(batch_len=lambda c, step: sizes[c])
+    return SplitServer.batch_groups(server, plan, 0, list(sizes))
+
+
+def test_groups_follow_the_ranks_and_stop_at_group_rows():
+    """"rank": a client rank's logical clients, in order; "step": all of them; both cut where the
+    next batch would take a group past GROUP_ROWS samples (a batch larger than that runs alone), so
+    a pass's activations are bounded however many clients a rank hosts."""
+    rank_of = {0: 3, 1: 3, 2: 3, 3: 4, 4: 4}
+    small = dict.fromkeys(range(5), 32)
+    assert groups("rank", rank_of, small) == [[0, 1, 2], [3, 4]]
+    assert groups("step", rank_of, small) == [[0, 1, 2, 3, 4]]
+    big = dict.fromkeys(range(5), GROUP_ROWS // 2)
+    assert groups("rank", rank_of, big) == [[0, 1], [2], [3, 4]]
+    assert groups("step", rank_of, big) == [[0, 1], [2, 3], [4]]
+    assert groups("step", rank_of, {**big, 1: GROUP_ROWS + 1}) == [[0], [1], [2, 3], [4]]
+    many = {c: 128 for c in range(64)}  # the memory suite's 32-in-flight case, and more
+    assert all(sum(many[c] for c in g) <= GROUP_ROWS for g in groups("rank", dict.fromkeys(many, 3), many))
