@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sfl.aggregation": ("centralized", "decentralized"),
     "sfl.aggregator": ("mean", "median", "trimmed-mean", "krum"),
     "sfl.wire_dtype": ("float32", "float16", "bfloat16", "int8"),
-    "sfl.batch_clients": ("rank", "step", "off"),
+    "sfl.batch_clients": ("auto", "rank", "step", "off"),
     "train.attack": ("sign-flip", "scale", "gaussian"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.client_optimizer": ("keep", "reset"),
