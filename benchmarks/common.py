@@ -9,6 +9,7 @@ The suites import this module; it imports none of them.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -135,6 +136,33 @@ def baseline(settings: dict, out_dir: Path, limit: float = 240) -> dict:
     settings = {**settings, "run.out_dir": str(out_dir), "run.progress": "none"}
     python(["-m", "mpi_sfl", "baseline", *sets(settings), "--overwrite"], limit)
     return read_run(out_dir)
+
+
+@contextlib.contextmanager
+def nudged_weights(n: int):
+    """Inside: every model built (models.Spec.build) starts from its initial weights each moved one
+    ulp, up or down as a generator seeded with n draws it; n = 0 changes nothing. The control that
+    measures a configuration's sensitivity to round-off (tests/conftest.roundoff_bound,
+    benchmarks/gpu_check.py): run the baseline nudged and see how far it lands."""
+    import torch
+
+    from mpi_sfl import models
+    build = models.Spec.build
+
+    def nudged(self, seed):
+        parts = build(self, seed)
+        g = torch.Generator().manual_seed(n)
+        with torch.no_grad():
+            for p in parts.parameters():
+                p.copy_(torch.nextafter(p, torch.where(torch.rand(p.shape, generator=g) < 0.5, -math.inf, math.inf)))
+        return parts
+
+    if n:
+        models.Spec.build = nudged
+    try:
+        yield
+    finally:
+        models.Spec.build = build
 
 
 def read_run(out_dir: Path) -> dict:

@@ -132,23 +132,10 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def nudged_baseline(settings: dict, out: Path, nudge: int) -> dict[str, torch.Tensor]:
-    """The baseline in this process with every initial weight moved one ulp (up or down, seeded)."""
-    build = models.Spec.build
-
-    def nudged(self, seed):
-        parts = build(self, seed)
-        g = torch.Generator().manual_seed(nudge)
-        with torch.no_grad():
-            for p in parts.parameters():
-                p.copy_(torch.nextafter(p, torch.where(torch.rand(p.shape, generator=g) < 0.5, -math.inf, math.inf)))
-        return parts
-
-    models.Spec.build = nudged
-    try:
+    """The baseline in this process with every initial weight moved one ulp (common.nudged_weights)."""
+    with common.nudged_weights(nudge):
         baseline.run(config.load(None, common.overrides({**settings, "run.out_dir": str(out), "run.progress": "none"})),
                      start="overwrite")
-    finally:
-        models.Spec.build = build
     return load(out)
 
 

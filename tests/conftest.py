@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from benchmarks._warm import Warm
-from mpi_sfl import baseline as _baseline, config as _config, launcher, models as _models
+from benchmarks.common import nudged_weights
+from mpi_sfl import baseline as _baseline, config as _config, launcher
 
 MPIEXEC = launcher.mpiexec_path()
 REPO = Path(__file__).resolve().parents[1]
@@ -216,23 +217,8 @@ def baseline_here(config: str | None, settings, out: Path, nudge: int = 0) -> di
     writing `out`; nudge = n > 0 first moves every initial weight one ulp, up or down as a
     generator seeded with n draws it."""
     cfg = _config.load(config, list(settings) + [f'run.out_dir="{out}"'])
-    build = _models.Spec.build
-
-    def nudged(self, seed):
-        parts = build(self, seed)
-        g = torch.Generator().manual_seed(nudge)
-        with torch.no_grad():
-            for p in parts.parameters():
-                toward = torch.where(torch.rand(p.shape, generator=g) < 0.5, -math.inf, math.inf)
-                p.copy_(torch.nextafter(p, toward))
-        return parts
-
-    if nudge:
-        _models.Spec.build = nudged
-    try:
+    with nudged_weights(nudge):
         _baseline.run(cfg, start="overwrite")
-    finally:
-        _models.Spec.build = build
     return load_model(out)
 
 
