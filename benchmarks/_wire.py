@@ -52,11 +52,10 @@ def main() -> None:
         raw_send = x.numpy().copy()
         raw_recv = np.empty_like(raw_send)
 
-        node_ranks = comm.Split_type(MPI.COMM_TYPE_SHARED).size
-        auto_poll = node_ranks > len(os.sched_getaffinity(0))
+        node_ranks, cores = comm.Split_type(MPI.COMM_TYPE_SHARED).size, len(os.sched_getaffinity(0))
 
         def transport_rt(poll: bool | None = None):
-            tr.set_wait_mode("poll" if poll else "auto", auto_poll)
+            tr.set_wait_mode("poll" if poll else "auto", node_ranks, cores)
             if rank == 0:
                 t.isend(x, peer, ACT, 0, 0, 0)
                 t.wait_sends()
@@ -106,7 +105,7 @@ def main() -> None:
                     fns[v]()
                 samples[v].append((MPI.Wtime() - t0) / iters[v])
         # Correctness: the transport round trip returns the same bytes.
-        tr.set_wait_mode("auto", auto_poll)
+        tr.set_wait_mode("auto", node_ranks, cores)
         if rank == 0:
             t.isend(x, peer, ACT, 0, 0, 0)
             t.wait_sends()

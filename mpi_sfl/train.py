@@ -53,7 +53,7 @@ def main(cfg_path: str | None, overrides: list[str], comm: MPI.Comm | None = Non
 
 
 def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str, held: list[str]) -> None:
-    slot, local_size, training_here = local_rank(comm)
+    slot, local_size, _ = local_rank(comm)
     startup.mark("node")
 
     def setup():
@@ -75,7 +75,7 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
 
     cfg, layout, spec, summary = fail_together(comm, startup.timed(setup, "setup"))
     startup.mark("setup_wait")
-    set_wait_mode(cfg.run.wait, training_here > len(os.sched_getaffinity(0)), cfg.run.timeout_s, idle=comm.rank == 0)
+    set_wait_mode(cfg.run.wait, local_size, len(os.sched_getaffinity(0)), cfg.run.timeout_s, idle=comm.rank == 0)
     set_describer(layout.describe)
     role = layout.role(comm.rank)
     # Rank 0 finds (and if need be downloads) the data first, so ranks never race on the cache, and

@@ -8,9 +8,11 @@ buffer it arrived in); a larger one follows its header as a second message, rece
 buffer of its shape. Device tensors are staged through host memory because
 the PyPI MPI wheels are not CUDA-aware.
 
-Waits for a peer (a header, a send to complete) spin when every training rank has a core of its own,
+Waits for a peer (a header, a send to complete) spin when every rank of the node has a core of its own,
 and otherwise (and always on the fed server) poll with a short sleep: MPICH and Open MPI spin a full core in a blocking call, and
-with more ranks than cores spinning ranks steal the CPU the working ranks need (run.wait).
+with more ranks than cores spinning ranks steal the CPU the working ranks need (run.wait). The fed
+server counts: it takes part in every step's stop agreement, and ranks that spin on every core leave
+it none, which delayed every step (-n 3 on 2 cores ran 2.4x slower spinning than polling).
 A payload is received with a plain blocking Recv: it is already on its way behind its header.
 """
 from __future__ import annotations
@@ -145,12 +147,13 @@ class PeerTimeout(Exception):
         self.collective = collective  # a collective cannot tell which rank is missing
 
 
-def set_wait_mode(mode: str, oversubscribed: bool, timeout_s: float = 0.0, idle: bool = False) -> None:
+def set_wait_mode(mode: str, ranks_here: int, cores: int, timeout_s: float = 0.0, idle: bool = False) -> None:
     """run.wait: "spin" waits without sleeping (lowest latency), "poll" sleeps between tests,
     "auto" polls on a rank that is `idle` (the fed server: off the per-batch path) and where this
-    node's training ranks outnumber its cores (`oversubscribed`). run.timeout_s bounds every wait."""
+    node's ranks, the fed server included (`ranks_here`), outnumber its `cores`. run.timeout_s
+    bounds every wait."""
     global _poll, _timeout
-    _poll = mode == "poll" or (mode == "auto" and (oversubscribed or idle))
+    _poll = mode == "poll" or (mode == "auto" and (ranks_here > cores or idle))
     _timeout = float(timeout_s)
     if _poll:
         fine_sleeps()
