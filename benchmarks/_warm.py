@@ -49,11 +49,27 @@ def _redirected(fd: int, path: Path):
     return restore
 
 
-def _next_job(folder: Path, i: int) -> dict:
+def _next_job(folder: Path, i: int, owner: int) -> dict:
+    """Job i, or a stop once the process that owns this launch (Warm's) is gone: a driver that dies
+    without closing its launches leaves no ranks behind."""
     path = folder / f"{i}.json"
+    looks = 0
     while not path.exists():
         time.sleep(POLL_S)
+        looks += 1
+        if looks % 100 == 0 and owner and not _alive(owner):
+            return {"stop": True}
     return json.loads(path.read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _serve(folder: Path, prelude: str | None) -> None:
@@ -68,7 +84,7 @@ def _serve(folder: Path, prelude: str | None) -> None:
     try:
         i = 0
         while True:
-            job = _next_job(folder, i)
+            job = _next_job(folder, i, int(os.environ.get("MPI_SFL_WARM_OWNER", "0")))
             if job.get("stop"):
                 break
             world.Barrier()  # every rank has finished the job before
@@ -103,6 +119,7 @@ class Warm:
         # mpiexec's own limit is the launch's lifetime; each job's limit is enforced here (run).
         self.env = dict(env if env is not None else launcher.child_env(0, root=self.root))
         self.env["MPIEXEC_TIMEOUT"] = str(24 * 3600)
+        self.env["MPI_SFL_WARM_OWNER"] = str(os.getpid())  # idle ranks stop once this process is gone
         self.proc: subprocess.Popen | None = None
         self.folder: Path | None = None
         self.i = 0

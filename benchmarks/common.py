@@ -51,13 +51,16 @@ _warm: dict[int, "Warm"] | None = None
 
 
 def warm_launches(on: bool) -> None:
-    """Run the mpi_sfl jobs that follow in warm launches (on), or end those and launch each job
-    on its own again (off). Only for settings whose timings and peak memory mean nothing (--tiny)."""
+    """Run the mpi_sfl jobs that follow in warm launches (on: the ones running stay), or end those
+    and launch each job on its own again (off). Only for settings whose timings and peak memory mean
+    nothing (--tiny)."""
     global _warm
-    if not on and _warm:
-        for w in _warm.values():
-            w.close()
-    _warm = {} if on else None
+    if on:
+        _warm = {} if _warm is None else _warm
+        return
+    for w in (_warm or {}).values():
+        w.close()
+    _warm = None
 
 
 def _warm_run(n: int, argv: list[str], limit: float) -> subprocess.CompletedProcess:

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                     exact(report, tmp, {**TINY, "run.device": args.device, **extra}, name)
             if "repro" in sections:
                 repro(report, tmp, {**TINY, "run.device": args.device, **EXACT["mlp-int8" if args.quick else "cnn"]})
-            common.warm_launches(args.quick)  # a measurement launches each job on its own
+            if not args.quick:  # a measurement launches each job on its own
+                common.warm_launches(False)
             if "speed" in sections:
                 speed(report, tmp, args.device, args.quick)
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -190,17 +191,49 @@ def test_scaling_then_model(suites):
     assert {r["clients"] for r in model["results"]["projection"]} == {2 ** i for i in range(11)}
 
 
+def processes_under(folder: Path) -> list[str]:
+    """The command lines of running processes that name `folder` (a warm launch's ranks do)."""
+    found = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(folder) in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.quick
+def test_a_warm_launch_ends_when_its_owner_dies(tmp_path):
+    """A driver that dies without closing its warm launch (here: os._exit after one job) leaves no
+    ranks behind: idle ranks look for their owner about once a second and stop when it is gone.
+    (Without that look they polled for ever: every test session left two launches behind.)"""
+    code = ("import os, sys\nfrom benchmarks._warm import Warm\nw = Warm(2)\n"
+            "done = w.run(['train', '--help'], 60)\nprint(w.folder, done.returncode, flush=True)\nos._exit(0)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    launching()
+    proc = launcher.python(["-c", code], 120, env=env, root=REPO, grace=0)
+    folder, rc = proc.stdout.split()
+    assert proc.returncode == 0 and rc == "0", proc.stderr[-3000:]
+    t0 = time.monotonic()
+    while processes_under(Path(folder)) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    assert not processes_under(Path(folder)), processes_under(Path(folder))
+
+
 @pytest.mark.quick
 def test_gpu_check_dry_run_on_the_cpu(tmp_path_factory):
     """benchmarks/gpu_check.py --device cpu --quick: every section runs and says so in its JSON
     (on a GPU machine the same script is the measurement; here only its machinery)."""
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
-    with private_tmpdir(tmp_path_factory):
+    with private_tmpdir(tmp_path_factory) as tmp:
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         launching()
         proc = launcher.python(["-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--out", str(out)], 300,
                                env=env, root=REPO, grace=0)
     assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not processes_under(tmp), "gpu_check left warm launches running"
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and doc["failed"] == [] and doc["finished"]
     assert set(doc["inprocess"]) == {"batchnorm_average", "placeholder_optimizer", "int8_wire_bits", "numerics"}
