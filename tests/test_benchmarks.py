@@ -70,7 +70,9 @@ def check_doc(doc: dict, suite: str) -> None:
     for name in FIELDS[suite]:
         v = doc["summary"].get(name)
         assert isinstance(v, (int, float)) and not isinstance(v, bool), f"{name} = {v!r}"
-        assert math.isfinite(v) and v > 0, f"{name} = {v}"
+        # growth_* is peak RSS at the most batches in flight over that at one, minus 1: about 0 for
+        # a flat state (the file state's goal), and RSS noise can make it slightly negative
+        assert math.isfinite(v) and v > (-1 if name.startswith("growth_") else 0), f"{name} = {v}"
 
 
 @pytest.mark.parametrize("suite", ["wire", "aggregate", "throughput", "memory", "variants"])
