@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mpi_sfl.outdir import pid_alive
+
 POLL_S = 0.01  # an idle rank's sleep between looks for the next job
 
 
@@ -57,19 +59,9 @@ def _next_job(folder: Path, i: int, owner: int) -> dict:
     while not path.exists():
         time.sleep(POLL_S)
         looks += 1
-        if looks % 100 == 0 and owner and not _alive(owner):
+        if looks % 100 == 0 and owner and not pid_alive(owner):
             return {"stop": True}
     return json.loads(path.read_text())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _serve(folder: Path, prelude: str | None) -> None:
