@@ -158,10 +158,18 @@ class ClientRank:
 
     # -- steps ----------------------------------------------------------------------------------
     def split_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> None:
-        """One step of `active` with the split server."""
-        job, t, rnd, server = self.job, self.job.transport, plan.rnd, self.server
-        with job.timers.phase("client_compute"):
-            for c in active:
+        """One step of `active` with the split server.
+
+        Whatever the server sends back is taken as soon as it is there, also between this rank's
+        encoder forwards: z (U-shape: run the head, send dl/dz) or dl/dh (finish the encoder), dl/dh
+        first when both are (the inbox tests its receives in order). The split server holds each z
+        and dl/dh it sent, and (memory and graph states) each h, until this rank has taken them.
+        A batch dropped for a non-finite value (train.on_nonfinite = "skip") still sends and gets
+        every message, flagged `dropped`, so both sides count the same messages."""
+        job, t, rnd, server, n = self.job, self.job.transport, plan.rnd, self.server, len(active)
+        inbox = Inbox(t, {(server, GRAD_IN): n if self.cfg.grad_input else 0, (server, OUT): n if self.cfg.u_shape else 0})
+        for c in active:
+            with job.timers.phase("client_compute"):
                 x, y = self.batch(plan, c.cid, step)
                 with torch.set_grad_enabled(self.cfg.grad_input):
                     h = self.forward(Part.ENCODER, c.model.encoder, x, rnd, step, c.cid)
@@ -169,41 +177,41 @@ class ClientRank:
                         h = models.cut_noise(h, self.cfg.sfl.noise_std, self.cfg.sfl.clip_norm, self.cfg.run.seed,
                                              rnd, step, c.cid)
                 c.batch = {"h": h, "y": y}
-                t.isend(h, server, ACT, rnd, step, c.cid)
-                if not self.cfg.u_shape:
-                    t.isend(y, server, LABELS, rnd, step, c.cid)
-        # Whatever the server sends back first: z (U-shape: run the head, send dl/dz) or dl/dh (finish
-        # the encoder). dl/dh is taken first when both are there (the inbox tests its receives in
-        # order): the split server holds each dl/dh it sent until this rank has taken it.
-        # A batch dropped for a non-finite value (train.on_nonfinite = "skip") still sends and gets
-        # every message, flagged `dropped`, so both sides count the same messages.
-        n = len(active)
-        inbox = Inbox(t, {(server, GRAD_IN): n if self.cfg.grad_input else 0, (server, OUT): n if self.cfg.u_shape else 0})
+            t.isend(h, server, ACT, rnd, step, c.cid)
+            if not self.cfg.u_shape:
+                t.isend(y, server, LABELS, rnd, step, c.cid)
+            while (msg := inbox.ready()) is not None:
+                self.take(plan, step, *msg)
         while inbox:
-            _, header = inbox.next()
-            payload = t.recv_payload(header, server)
-            c = self.slots.held[header.client]
-            with job.timers.phase("client_compute"):
-                if header.kind == GRAD_IN:
-                    if header.dropped:
-                        c.batch["dropped"] = True
-                    elif not c.batch.get("dropped"):
-                        eager.backward(c.batch["h"], payload)
-                    continue
-                z = payload.clone().requires_grad_(True)
-                loss = F.cross_entropy(self.forward(Part.HEAD, c.model.head, z, rnd, step, c.cid), c.batch["y"])
-                if not torch.isfinite(loss) and self.nonfinite(c, rnd, step, "loss"):
-                    c.batch["dropped"] = True
-                    t.isend(torch.zeros_like(z), server, DELTA, rnd, step, c.cid, dropped=True)
-                    continue
-                loss.backward()
-                self.loss_sum += loss.item() * len(c.batch["y"])
-                self.samples += len(c.batch["y"])
-            t.isend(z.grad, server, DELTA, rnd, step, c.cid)
+            self.take(plan, step, *inbox.next())
         t.wait_sends()
         with job.timers.phase("client_compute"):
             for c in active:
                 self.sgd_step(c, rnd, step)
+
+    def take(self, plan: data.RoundPlan, step: int, server: int, header) -> None:
+        """One message of this step from the split server: dl/dh finishes a logical client's
+        encoder; z runs its head and sends dl/dz back."""
+        job, t, rnd = self.job, self.job.transport, plan.rnd
+        payload = t.recv_payload(header, server)
+        c = self.slots.held[header.client]
+        with job.timers.phase("client_compute"):
+            if header.kind == GRAD_IN:
+                if header.dropped:
+                    c.batch["dropped"] = True
+                elif not c.batch.get("dropped"):
+                    eager.backward(c.batch["h"], payload)
+                return
+            z = payload.clone().requires_grad_(True)
+            loss = F.cross_entropy(self.forward(Part.HEAD, c.model.head, z, rnd, step, c.cid), c.batch["y"])
+            if not torch.isfinite(loss) and self.nonfinite(c, rnd, step, "loss"):
+                c.batch["dropped"] = True
+                t.isend(torch.zeros_like(z), server, DELTA, rnd, step, c.cid, dropped=True)
+                return
+            loss.backward()
+            self.loss_sum += loss.item() * len(c.batch["y"])
+            self.samples += len(c.batch["y"])
+        t.isend(z.grad, server, DELTA, rnd, step, c.cid)
 
     def local_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> None:
         """fl: each logical client runs the whole model on its batch and steps."""

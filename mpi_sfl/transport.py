@@ -404,6 +404,16 @@ class Inbox:
         """(source, header) of the next message; receive its payload with recv_payload."""
         with self.t.timers.phase("p2p_wait"):
             idx = polite_wait(self.reqs, any_=True, who=self.owing, patience=self.t.patience)
+        return self._take(idx)
+
+    def ready(self) -> tuple[int, Header] | None:
+        """(source, header) of a message that has arrived, or None at once if none has."""
+        if not self:
+            return None
+        idx, done = MPI.Request.Testany(self.reqs)
+        return self._take(idx) if done and idx != MPI.UNDEFINED else None
+
+    def _take(self, idx: int) -> tuple[int, Header]:
         src, kind, header = self.meta[idx]
         self.left[(src, kind)] -= 1
         if self.left[(src, kind)]:
