@@ -77,9 +77,10 @@ def run(level: str, work: Path, args) -> dict:
     summary["activation_mb_per_batch"] = act_mb
     kept = client_kept_mb(cfg["model.name"], s["batch"], tuple(cfg.get("data.shape", (1, 28, 28))))
     summary["client_kept_mb_per_logical_client"] = kept["encoder_saved_mb"] + kept["h_mb"]
-    notes = ["3 ranks: fed server, split server, one client rank hosting all logical clients; a client "
-             "rank sends every logical client's activation before receiving, so the batches in flight "
-             "at the split server per step = logical clients.",
+    notes = ["3 ranks: fed server, split server, one client rank hosting all k logical clients: k batches "
+             "start per step, so up to k are in flight at the split server (the x axis, 'inflight_batches'). "
+             "Fewer are at once when the client takes a z or dl/dh between its forwards (it takes whatever "
+             "has arrived), so a slope below the activation size means batches finished before the last began.",
              f"cnn, batch {s['batch']} per client, synthetic data of {kmax * s['batch']} samples for every "
              f"point (1 round: {kmax}/k steps); peak RSS = ru_maxrss of the split server process "
              "(metrics.jsonl peak_rss_mb.split_server), which includes the interpreter and torch.",
@@ -87,9 +88,9 @@ def run(level: str, work: Path, args) -> dict:
              "graph behind z, memory mode keeps h, file mode keeps a file name. Outgoing dl/dh buffers "
              "are released as soon as the client has taken them.",
              "growth = peak(max clients) / peak(1 client) - 1; mb_per_inflight_batch = least-squares slope.",
-             "held_mb (metrics.jsonl): the most a rank held at once for batches in flight, counted by the code "
-             "itself (sends not yet taken by the peer, reused receive buffers, and what the split server's "
-             "state keeps in RAM); unlike RSS it does not depend on the allocator or the machine's noise, "
+             "held_mb (metrics.jsonl): what a rank held for batches in flight, counted by the code itself: the "
+             "most its sends not yet taken by the peer held at once, plus its reused receive buffers, plus the "
+             "most the split server's state kept in RAM at once (a sum of peaks: an upper bound); unlike RSS it does not depend on the allocator or the machine's noise, "
              "except for how far a slow peer lets sends pile up (at most transport.BACKLOG_BYTES on the split "
              "server).",
              f"A client rank keeps, per logical client in the step, the tensors autograd saved for its encoder's "

@@ -28,7 +28,7 @@ STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np
                   ("peak_device", np.float64),  # the most GPU memory torch allocated at once (0 on the CPU)
                   ("copies", np.float64),  # working copies built so far (slots.py): the most held at once
                   ("passes", np.float64),  # split server: f_s forward passes this round (sfl.batch_clients: one per group)
-                  ("held", np.float64),    # peak bytes held for batches in flight (Transport.buffer_bytes + state)
+                  ("held", np.float64),    # bytes held for batches in flight: peak sends + receive buffers + peak state (a sum of peaks)
                   ("phases", np.float64, (len(PHASES),)),
                   ("cpu", np.float64, (len(CPU_KINDS),)),  # this round's CPU seconds by kind (timing.CPU_KINDS)
                   ("started", np.float64),  # this process's start (time.time()) and its start-up phases (startup.py)
