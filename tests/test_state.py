@@ -5,6 +5,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -195,3 +196,31 @@ def test_a_batched_forward_draws_each_clients_own_masks(tmp_path):
         assert torch.equal(z, own), mode
         assert torch.equal(gh, own_grad), mode
         assert torch.equal(gh_kept, gh[keep]), mode
+
+
+FREED = """
+import sys, torch
+from mpi_sfl.state import release_large_buffers
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+if sys.argv[1] == "fixed":
+    assert release_large_buffers()
+big = torch.ones(8 << 18); del big   # 8 MiB mapped, then unmapped: glibc's sliding threshold rises to it
+a = torch.ones(4 << 18)              # a 4 MiB tensor (a few batches' worth of h) ...
+b = torch.ones(1 << 10)              # ... and a small one allocated after it
+before = rss_mb(); del a
+print(before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or os.uname().sysname != "Linux", reason="glibc and /proc only")
+def test_a_freed_large_tensor_goes_back_to_the_system():
+    """The split server's fixed mmap threshold: a 4 MiB tensor freed while a later, smaller one lives
+    returns its 4 MiB at once. The control (glibc's default) keeps all of it: the heap cannot shrink
+    below the live block, which is how a server's RSS kept its peak in batches in flight."""
+    def returned(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+    assert returned("default") < 1.0
+    assert returned("fixed") >= 3.9
