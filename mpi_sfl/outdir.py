@@ -144,10 +144,16 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save(obj, path), replacing `path` atomically (see atomic_write)."""
+    """torch.save(obj, path), replacing `path` atomically (see atomic_write). Serialized in memory
+    first: torch.save writing to a full disk raises a RuntimeError from its zip writer, where
+    writing the bytes raises the OSError (ENOSPC) that callers handle."""
+    import io
+
     import torch
 
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def strict_json(obj, indent: int | None = None) -> str:

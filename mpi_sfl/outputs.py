@@ -66,9 +66,10 @@ def partition_report(labels: np.ndarray, shards: list[np.ndarray], classes: int)
 
 def space_needed(summary: models.Summary) -> int:
     """A rough floor on the disk space a run needs in run.out_dir (checked by outdir.prepare):
-    64 MiB for the metrics, config and slack, plus 4 float32 copies of the model — model.pt, its
-    temporary while it is replaced, and a checkpoint's weights and momentum buffers."""
-    return 64 * 2**20 + 4 * sum(summary.params.values()) * 4
+    64 MiB for the metrics, config and slack, plus 6 float32 copies of the model — model.pt, its
+    temporary while it is replaced, and two checkpoints' weights and momentum buffers (the last and
+    the one before it, kept to fall back to)."""
+    return 64 * 2**20 + 6 * sum(summary.params.values()) * 4
 
 
 class RunWriter:
@@ -89,7 +90,7 @@ class RunWriter:
         self.rows = list(resume_rows or [])
         if resume_rows is not None:
             atomic_write(self.dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in self.rows).encode())
-        self.metrics = (self.dir / "metrics.jsonl").open("a" if resume_rows is not None else "w")
+        self.metrics = (self.dir / "metrics.jsonl").open("ab" if resume_rows is not None else "wb", buffering=0)
         mode = cfg.run.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
@@ -102,12 +103,19 @@ class RunWriter:
     def round(self, row: dict, model: torch.nn.Module, *, write_model: bool = True) -> None:
         """Record a finished round: its metrics row and (unless write_model=False, e.g. when the
         model is not finite) the model as of now, so a job killed later keeps every completed round."""
-        self.rows.append(row)
-        self.metrics.write(strict_json(row) + "\n")
-        self.metrics.flush()
-        os.fsync(self.metrics.fileno())
-        if write_model:
+        if write_model:  # first: metrics.jsonl never has a row that model.pt is behind
             atomic_torch_save(models.state_dict(model, self.dtypes), self.dir / "model.pt")
+        fd, line = self.metrics.fileno(), (strict_json(row) + "\n").encode()
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, end)  # no half row: the file stays one strict-JSON row per finished round
+            raise
+        self.rows.append(row)
         brief = (f"loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f} "
                  f"acc {row['test_accuracy']:.4f} {row['seconds']:.1f}s")
         if self.bar is not None:
