@@ -1,10 +1,11 @@
 """Command line: `mpi-sfl train|baseline [CONFIG.toml] [--set section.key=value ...] [--resume|--overwrite]`,
-`mpi-sfl plot`.
+`mpi-sfl plot`, `mpi-sfl checkpoint OUT`.
 
     mpiexec -n 4 python -m mpi4py -m mpi_sfl train            # the default job
     mpiexec -n 4 python -m mpi4py -m mpi_sfl train --resume   # ...continued after an interruption
     mpi-sfl baseline runs/default/config.toml                 # its single-process reference
     mpi-sfl plot runs/default runs/baseline                   # their curves, as a PNG
+    mpi-sfl checkpoint runs/default                           # what a --resume would continue from
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
                        description="loss and accuracy curves from the metrics.jsonl of one or more runs")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's out_dir (holds metrics.jsonl)")
     s.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png of the first run)")
+    s = sub.add_parser("checkpoint", help="what the checkpoints in a run's out_dir hold, and whether they are intact",
+                       description="print each checkpoint of RUN_DIR (position, layout that wrote it, logical "
+                                   "clients, size) after checking every file; reads files only")
+    s.add_argument("run", metavar="RUN_DIR", help="a run's out_dir")
     return p
 
 
@@ -83,9 +88,12 @@ def main(argv: list[str] | None = None, quick_exit: bool = False) -> None:
     except CommandLineError as exc:
         refuse(str(exc))
     start = "resume" if getattr(args, "resume", False) else "overwrite" if getattr(args, "overwrite", False) else "new"
-    if args.command in ("baseline", "plot"):
+    if args.command in ("baseline", "plot", "checkpoint"):
         try:
-            if args.command == "baseline":
+            if args.command == "checkpoint":
+                from . import checkpoint
+                print(checkpoint.describe(args.run))
+            elif args.command == "baseline":
                 from . import baseline, config
                 if quick_exit:
                     skip_teardown()

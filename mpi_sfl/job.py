@@ -49,6 +49,7 @@ class Job:
     clients_comm: MPI.Comm | None = None  # client ranks only (decentralized FedAvg)
     servers_comm: MPI.Comm | None = None  # split servers only (replicas' gradients, v1's copies)
     start: tuple[int, int] = (0, 0)       # (round, steps done in it) this run starts from (--resume)
+    run_id: str = ""                      # names this run in its checkpoints (kept across resumes)
     timers: Timers = field(default_factory=Timers)
     transport: Transport = None  # type: ignore[assignment]
     control: Control = None      # type: ignore[assignment]
@@ -111,10 +112,12 @@ class Job:
         poisoned); a failed write is such a problem. Returns whether a checkpoint was written."""
         if self.control.agree(len(self.control.problems)):
             return False
-        meta = {"round": position[0], "step": position[1], "config": self.cfg.as_dict(),
-                "partition": checkpoint.partition_digest(self.shards)}
-        err = checkpoint.save(self.comm, self.cfg.run.out_dir, {**state(), "counters": self.counters()}, meta,
-                              self.control.agree)
+        rnd, step = position
+        meta = {"round": rnd, "step": step, "config": self.cfg.as_dict(),
+                "partition": checkpoint.partition_digest(self.shards), "run": self.run_id}
+        identity = {"run": self.run_id, "rank": self.rank, "world": self.comm.size, "round": rnd, "step": step}
+        err = checkpoint.save(self.comm, self.cfg.run.out_dir, {**state(), "counters": self.counters(),
+                                                                "identity": identity}, meta, self.control.agree)
         if err:  # a rank's own error sorts before "another rank could not..."
             self.control.fail((*position, -1 if err.startswith("cannot") else 2**31), err)
         return not err

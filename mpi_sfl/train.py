@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,9 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         atomic_write(Path(cfg.run.out_dir) / "partition.json", (strict_json(report) + "\n").encode())
     del labels
     startup.mark("data_wait")
-    job = Job(cfg, spec, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0))
+    run_id = saved["run"] if saved else comm.bcast(uuid.uuid4().hex if comm.rank == 0 else None, root=0)
+    job = Job(cfg, spec, layout, comm, device, shards, start=(saved["round"], saved["step"]) if saved else (0, 0),
+              run_id=run_id)
     startup.mark("communicators")
     # Each role gets what only it uses: a client rank its logical clients' training samples, the fed
     # server the test set, a split server its scratch dir (file state).
@@ -135,17 +138,36 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
 
 
 def resume_state(cfg, comm: MPI.Comm, shards) -> dict:
-    """This rank's part of the latest checkpoint in run.out_dir, after checking it still means the
-    same run (config, layout, data)."""
-    where = checkpoint.find(cfg.run.out_dir)
-    if where is None:
+    """This rank's part of the latest intact checkpoint in run.out_dir, after checking it still
+    means the same run (config, layout, data). Collective: every rank checks its own file of each
+    candidate (checkpoint/, then checkpoint.old/) and all take the first that every rank found
+    intact; a damaged one is named, and the fall-back said, by rank 0."""
+    found = checkpoint.candidates(cfg.run.out_dir)
+    if not found:
         raise UserError(f"nothing to resume in {cfg.run.out_dir}: it has no checkpoint")
-    meta = checkpoint.read_meta(where)
-    checkpoint.check_resume(meta, cfg, comm.size, checkpoint.partition_digest(shards), where)
+    damage = []
+    for where in found:
+        try:
+            meta = checkpoint.read_meta(where)
+            checkpoint.check_resume(meta, cfg, comm.size, checkpoint.partition_digest(shards), where)
+            state, problem = checkpoint.load_state(where, meta, comm.rank), None
+        except checkpoint.Damaged as exc:
+            state, problem = None, str(exc)
+        problems = [p for p in comm.allgather(problem) if p]
+        if not problems:
+            break
+        damage.append(problems[0])
+    else:
+        raise UserError(f"cannot resume: {damage[0]}" + (f"; and the one before it: {damage[1]}" if len(damage) > 1
+                                                         else "; there is no earlier checkpoint to fall back to")
+                        + ". Restore the files, or start a new run with --overwrite")
+    if damage and comm.rank == 0:
+        print(f"mpi-sfl: warning: {damage[0]}; resuming from the checkpoint before it ({where}: round "
+              f"{meta['round'] + 1}, step {meta['step']})", file=sys.stderr, flush=True)
     if (meta["round"], meta["step"]) == (cfg.train.rounds, 0):
         raise UserError(f"the run in {cfg.run.out_dir} has finished its {cfg.train.rounds} rounds; "
                         "raise train.rounds to train further")
-    return {"round": meta["round"], "step": meta["step"], "state": checkpoint.load_state(where, comm.rank)}
+    return {"round": meta["round"], "step": meta["step"], "run": meta["run"], "state": state}
 
 
 def run(job: Job, worker) -> int:

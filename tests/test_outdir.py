@@ -382,7 +382,7 @@ def test_a_second_run_is_refused_until_overwrite(tmp_path, tiny_run):
     ok(overwritten)
     assert (other / "model.pt").read_bytes() != before["model.pt"]
     assert config.load(str(other / "config.toml")).run.seed == 1
-    assert sorted(os.listdir(other)) == ["checkpoint", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "ranks.tsv",
+    assert sorted(os.listdir(other)) == ["checkpoint", "checkpoint.old", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "ranks.tsv",
                                        "summary.json"]  # lock released
 
 

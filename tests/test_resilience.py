@@ -6,10 +6,12 @@ signal share a launch where they can (conftest.mpijobs: one after another in the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -18,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, load_model, metrics, mpijobs, mpirun, ok, private_tmpdir, sets, start
+from mpi_sfl import checkpoint
+
+from conftest import TINY, TinyRun, load_model, metrics, mpijobs, mpirun, ok, private_tmpdir, sets, start
 
 pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
@@ -237,7 +241,99 @@ def test_a_nan_batch_mid_run(nonfinite, mode, model):
     assert all(torch.isfinite(v).all() for v in load_model(out).values())
 
 
+# -- damaged, foreign and edited checkpoints --------------------------------------------------------
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def rewrite_identity(ckpt: Path, rank: int, **changes) -> None:
+    """What another run's file of the same shape looks like: its identity differs, and meta.json
+    lists its digest (so only the identity check can catch it)."""
+    path = ckpt / f"rank-{rank}.pt"
+    state = torch.load(path, weights_only=True)
+    state["identity"].update(changes)
+    torch.save(state, path)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def edit_meta(ckpt: Path, **changes) -> None:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes(tmp_path, tiny_run):
+    """Each kind of damage to the last checkpoint of the session's finished 2-round run is found
+    and named in one line; the resume falls back to checkpoint.old (the end of round 1) and ends
+    where the run ended, bit for bit. With both checkpoints damaged, or meta.json missing a field
+    or with a wrong type, the resume is refused: exit 2, one line naming the file and the field."""
+    def swap(ckpt):
+        a, b = ckpt / "rank-1.pt", ckpt / "rank-2.pt"
+        a.rename(ckpt / "x"), b.rename(a), (ckpt / "x").rename(b)
+
+    damages = {  # name: (what to do to OUT, the words the line must have)
+        "bit flip": (lambda out: flip_a_byte(out / "checkpoint" / "rank-1.pt"), "checkpoint/rank-1.pt is not the file"),
+        "swapped": (lambda out: swap(out / "checkpoint"), "checkpoint/rank-1.pt is not the file"),
+        "older file": (lambda out: shutil.copy(out / "checkpoint.old" / "rank-2.pt", out / "checkpoint" / "rank-2.pt"),
+                       "checkpoint/rank-2.pt is not the file"),
+        "another run": (lambda out: rewrite_identity(out / "checkpoint", 2, run="0" * 32),
+                        "checkpoint/rank-2.pt was written by run 00000000 rank 2"),
+        "edited round": (lambda out: edit_meta(out / "checkpoint", round=1),
+                         "but meta.json describes run"),
+        "wrong type": (lambda out: edit_meta(out / "checkpoint", step="0"), "'step' is str, not int"),
+    }
+    refused = {
+        "both damaged": (lambda out: (flip_a_byte(out / "checkpoint" / "rank-0.pt"),
+                                      flip_a_byte(out / "checkpoint.old" / "rank-0.pt")),
+                         "and the one before it: "),
+        "no world": (lambda out: (edit_meta(out / "checkpoint", world=None), edit_meta(out / "checkpoint.old", world=None)),
+                     "has no 'world'"),
+    }
+    outs = {}
+    for name, (damage, _) in {**damages, **refused}.items():
+        out = outs[name] = tiny_run.copy(tmp_path / name.replace(" ", "-"))
+        damage(out)
+    shown = checkpoint.describe(str(outs["bit flip"]))  # mpi-sfl checkpoint OUT: what --resume will do
+    assert "checkpoint: DAMAGED" in shown and "rank-1.pt" in shown and "checkpoint.old: intact" in shown
+    assert "position: the end of round 1 of 2" in shown and "--resume continues from checkpoint.old/ with mpiexec -n 3" in shown
+    procs = mpijobs(3, *[["train", *sets(tiny_run.settings + [f'run.out_dir="{out}"']), "--resume"] for out in outs.values()])
+    for (name, out), proc in zip(outs.items(), procs):
+        words = {**damages, **refused}[name][1]
+        assert words in proc.stderr, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
+        if name in damages:
+            ok(proc)
+            assert "resuming from the checkpoint before it" in proc.stderr and proc.stderr.count("mpi-sfl: warning:") == 1
+            a, b = load_model(tiny_run.out), load_model(out)
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+            assert deterministic(metrics(out)) == deterministic(metrics(tiny_run.out)), name
+        else:
+            assert proc.returncode == 2 and proc.stderr.count("mpi-sfl: error:") == 1, (name, proc.stderr[-2000:])
+
+
 # -- full disks --------------------------------------------------------------------------------------
+def test_a_failed_model_write_stops_with_one_line_and_consistent_outputs(tmp_path):
+    """The disk fills while rank 0 writes model.pt (here: a 64 KiB file-size limit on rank 0, the
+    same OSError from write): one line naming the directory, exit 4, no traceback, and
+    metrics.jsonl holds no row that model.pt is behind (the old code let torch.save write the file:
+    its zip writer raised a RuntimeError past the handler, a traceback and exit 1)."""
+    out = tmp_path / "run"
+    (proc,) = mpijobs(3, ["train", *sets(TinyRun.settings + [f'run.out_dir="{out}"'])],
+                      prelude=Path(__file__).with_name("mpi_fsize_check.py"))
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert f"cannot write the outputs in {out}" in proc.stderr and "File too large" in proc.stderr
+    assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
+    assert not (out / "model.pt").exists() and metrics(out) == []
+
+
 def test_scratch_full_mid_run_stops_cleanly(tmp_path):
     """The split server's scratch file system fills up: one message naming the path and the
     setting, exit 4, no traceback, and no activation files left behind."""
