@@ -169,14 +169,12 @@ def _identity(who) -> str:
             f"{who.get('round')}, step {who.get('step')}")
 
 
-def check_resume(meta: dict, cfg, world: int, digest: str, where: Path) -> None:
-    """Refuse a resume whose config, layout or data changes what the checkpoint means."""
-    if meta["world"] != world:
-        raise UserError(f"the checkpoint in {where} was written by {meta['world']} ranks; resume with "
-                        f"mpiexec -n {meta['world']}")
+def check_resume(meta: dict, cfg, digest: str, where: Path, new_layout: bool = False) -> None:
+    """Refuse a resume whose config or data changes what the checkpoint means. `new_layout`: the
+    job resumes on another number of ranks or split servers (elastic.py), so sfl.servers may differ."""
     old, new = _flat(meta["config"]), _flat(cfg.as_dict())
     for key in sorted(old.keys() | new.keys()):
-        if key not in HARMLESS and old.get(key) != new.get(key):
+        if key not in HARMLESS and not (new_layout and key == "sfl.servers") and old.get(key) != new.get(key):
             raise UserError(f"cannot resume: {key} = {new.get(key)!r} here but {old.get(key)!r} in the "
                             f"checkpoint ({where}); resume with the same value, or start a new run with --overwrite")
     rnd, step = meta["round"], meta["step"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, client, config, control, data, fed_server, models, outdir, split_server, startup
+from . import checkpoint, client, config, control, data, elastic, fed_server, models, outdir, split_server, startup
 from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
@@ -92,7 +92,7 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         set_threads(cfg.run.threads, local_size)
         labels = data.load(cfg, "train", labels_only=True).y.numpy()
         shards = data.partition(labels, layout.clients, cfg)
-        saved = resume_state(cfg, comm, shards) if start == "resume" else None
+        saved = resume_state(cfg, comm, shards, layout) if start == "resume" else None
         if role == CLIENT:  # only its logical clients' samples
             mine = np.concatenate([shards[c] for c in layout.clients_of(comm.rank)])
             resource = data.load(cfg, "train", only=mine)
@@ -137,9 +137,10 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         sys.exit(code)
 
 
-def resume_state(cfg, comm: MPI.Comm, shards) -> dict:
+def resume_state(cfg, comm: MPI.Comm, shards, layout: Layout) -> dict:
     """This rank's part of the latest intact checkpoint in run.out_dir, after checking it still
-    means the same run (config, layout, data). Collective: every rank checks its own file of each
+    means the same run (config, data); on another layout (ranks, split servers) at a round
+    boundary, rebuilt from the files that held its logical clients (elastic.py). Collective: every rank checks its own file of each
     candidate (checkpoint/, then checkpoint.old/) and all take the first that every rank found
     intact; a damaged one is named, and the fall-back said, by rank 0."""
     found = checkpoint.candidates(cfg.run.out_dir)
@@ -149,8 +150,13 @@ def resume_state(cfg, comm: MPI.Comm, shards) -> dict:
     for where in found:
         try:
             meta = checkpoint.read_meta(where)
-            checkpoint.check_resume(meta, cfg, comm.size, checkpoint.partition_digest(shards), where)
-            state, problem = checkpoint.load_state(where, meta, comm.rank), None
+            moved = (meta["world"], meta["config"].get("sfl", {}).get("servers")) != (comm.size, layout.servers)
+            if moved:
+                elastic.check_layout(meta, layout, where)
+            checkpoint.check_resume(meta, cfg, checkpoint.partition_digest(shards), where, new_layout=moved)
+            state = (elastic.state_for(where, meta, comm.rank, layout) if moved
+                     else checkpoint.load_state(where, meta, comm.rank))
+            problem = None
         except checkpoint.Damaged as exc:
             state, problem = None, str(exc)
         problems = [p for p in comm.allgather(problem) if p]

@@ -122,7 +122,7 @@ def test_resume_refuses_a_changed_run_and_extends_a_finished_one(tmp_path, tiny_
     (other_n,) = mpijobs(4, ["train", *sets(base), "--resume"], timeout=60)
     *refused, extended = mpijobs(3, *[["train", *sets(base + extra), "--resume"] for extra, _ in refusals],
                                  ["train", *sets(base + ["train.rounds=3", 'run.progress="lines"']), "--resume"])
-    for proc, words in zip([other_n, *refused], ["resume with mpiexec -n 3"] + [w for _, w in refusals]):
+    for proc, words in zip([other_n, *refused], ["has finished its 2 rounds"] + [w for _, w in refusals]):
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
     ok(extended)
@@ -239,6 +239,57 @@ def test_a_nan_batch_mid_run(nonfinite, mode, model):
         assert [r["batches_skipped"] for r in rows] == [0, 1, 0]
         assert all(math.isfinite(r["train_loss"]) for r in rows)
     assert all(torch.isfinite(v).all() for v in load_model(out).values())
+
+
+# -- elastic: resume on another layout ---------------------------------------------------------------
+def distance(a: Path, b: Path) -> float:
+    """The largest elementwise difference between two runs' model.pt."""
+    x, y = load_model(a), load_model(b)
+    assert x.keys() == y.keys()
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+
+
+def test_a_round_boundary_checkpoint_resumes_on_more_or_fewer_ranks_and_servers(tmp_path):
+    """4 logical clients, momentum on. A 2-round run at -n 4 (1 split server) resumed for a third
+    round at -n 5 and at -n 3, and with 2 split servers at -n 5; a 2-round run with 2 split servers
+    resumed with 1 at -n 4: each ends where the uninterrupted 3-round run of its first layout ends.
+    The bound: the same 3 rounds run uninterrupted on 4 ranks / 1 server and on 5 ranks / 2 servers
+    differ only by float32 round-off of sums grouped by rank (FedAvg's partial sums, the servers'
+    Allreduce); a resumed run does one round's sums each way, so it may differ by as much, and
+    we allow twice that (zero when the two layouts agree bit for bit). Control: another seed ends
+    farther away than 100 bounds. Mid-round, another layout is refused with one line."""
+    base = RESUMABLE + ["train.clients=4", "train.momentum=0.9"]
+
+    def job(out, *extra, rounds=3, resume=False):
+        return ["train", *sets(base + [f"train.rounds={rounds}", f'run.out_dir="{out}"', *extra])] + (["--resume"] if resume else [])
+
+    two = ['sfl.servers=2']
+    d = {name: tmp_path / name for name in ("straight4", "first4", "seed4", "straight5s2", "first5s2", "to5", "to3",
+                                            "to5s2", "to4", "midround")}
+    for proc in mpijobs(4, job(d["straight4"]), job(d["first4"], rounds=2), job(d["seed4"], "run.seed=1")):
+        ok(proc)
+    for name in ("to5", "to3", "to5s2", "midround"):
+        shutil.copytree(d["first4"], d[name])
+    ckpt = d["midround"] / "checkpoint"  # as if it had stopped after step 1 of round 3
+    for r in range(4):
+        rewrite_identity(ckpt, r, round=2, step=1)
+    edit_meta(ckpt, round=2, step=1)
+    s5 = mpijobs(5, job(d["straight5s2"], *two), job(d["first5s2"], *two, rounds=2),
+                 job(d["to5"], resume=True), job(d["to5s2"], *two, resume=True), job(d["midround"], resume=True))
+    for proc in s5[:4]:
+        ok(proc)
+    assert s5[4].returncode == 2 and "is mid-round (round 3, after step 1)" in s5[4].stderr, s5[4].stderr[-2000:]
+    assert "resumes only on that layout (mpiexec -n 4, sfl.servers = 1)" in s5[4].stderr
+    assert s5[4].stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in s5[4].stderr
+    shutil.copytree(d["first5s2"], d["to4"])
+    ok(mpijobs(3, job(d["to3"], resume=True))[0])
+    ok(mpijobs(4, job(d["to4"], resume=True))[0])
+
+    bound = 2 * distance(d["straight4"], d["straight5s2"])
+    for resumed, straight in (("to5", "straight4"), ("to3", "straight4"), ("to5s2", "straight4"), ("to4", "straight5s2")):
+        assert distance(d[resumed], d[straight]) <= bound, (resumed, distance(d[resumed], d[straight]), bound)
+        assert [r["round"] for r in metrics(d[resumed])] == [0, 1, 2]
+    assert distance(d["seed4"], d["straight4"]) > 100 * max(bound, 1e-7)
 
 
 # -- damaged, foreign and edited checkpoints --------------------------------------------------------
