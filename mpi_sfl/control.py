@@ -25,7 +25,7 @@ from .transport import polite_wait
 
 EXIT_STOPPED = 3   # stopped on a signal; a checkpoint was written; rerun with --resume
 EXIT_FAILED = 4    # a problem found mid-run (non-finite training, disk full); last good outputs kept
-EXIT_TIMEOUT = 5   # a peer stopped answering for run.timeout_s (stuck or dead); the job was aborted
+EXIT_TIMEOUT = 5   # a peer stopped answering for run.timeout_s (stuck or dead), or is gone (an MPI error); the job was aborted
 GO, SIGNAL, FAILED = 0, 1, 2
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGUSR1: "SIGUSR1"}
 

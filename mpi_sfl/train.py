@@ -31,7 +31,7 @@ from .aggregation import check_robust
 from .outdir import atomic_write, strict_json
 from .outputs import partition_report, space_needed
 from .state import make_scratch
-from .transport import PeerTimeout, polite_wait, set_describer, set_wait_mode
+from .transport import PeerGone, PeerTimeout, describe, polite_wait, set_describer, set_wait_mode
 
 ROLES = {FED: fed_server.FedServer, SERVER: split_server.SplitServer, CLIENT: client.ClientRank}
 
@@ -202,9 +202,19 @@ def run(job: Job, worker) -> int:
         return report(job, f"stopped by {ctl.who_signalled()} at round {rnd + 1}, after step {step} of {rounds} rounds; "
                            f"checkpoint in {Path(job.cfg.run.out_dir) / checkpoint.CURRENT}"
                            f"{resume_hint(job, '')}", EXIT_STOPPED, prefix="mpi-sfl: ")
+    except PeerGone as exc:
+        print(f"mpi-sfl: error: {describe(job.rank)} {exc}. Finished rounds, model.pt and the last checkpoint "
+              f"in {job.cfg.run.out_dir} are kept; continue with the same command and --resume (also on fewer "
+              "ranks, from a round's checkpoint). Ending the job.", file=sys.stderr, flush=True)
+        worker.close()
+        job.comm.Abort(EXIT_TIMEOUT)
+        return EXIT_TIMEOUT
     except PeerTimeout as exc:
-        print(f"mpi-sfl: error: {job.layout.describe(job.rank)} {exc}; {'a rank' if exc.collective else 'it'} "
-              f"is stuck or dead (run.timeout_s = "
+        silent = stopped_here()  # the rank actually silent may be another: the one the waited-for rank waits on
+        blame = (f"; {' and '.join(f'{describe(r)} is {what}' for r, what in silent)}: "
+                 f"{'that is the rank' if len(silent) == 1 else 'those are the ranks'} that stopped answering"
+                 if silent else f"; {'a rank' if exc.collective else 'it'} is stuck or dead")
+        print(f"mpi-sfl: error: {describe(job.rank)} {exc}{blame} (run.timeout_s = "
               f"{job.cfg.run.timeout_s:g}). Finished rounds, model.pt and the last checkpoint in "
               f"{job.cfg.run.out_dir} are kept; ending the job.", file=sys.stderr, flush=True)
         worker.close()
@@ -212,6 +222,25 @@ def run(job: Job, worker) -> int:
         return EXIT_TIMEOUT
     finally:
         worker.close()
+
+
+_peers: list[tuple] = []  # announce: (rank, role, host, pid, logical clients) of every rank
+
+
+def stopped_here() -> list[tuple[int, str]]:
+    """Ranks on this node whose process is stopped (SIGSTOP, a debugger), a zombie or gone, read
+    from /proc: a rank that times out waiting for one peer can name the one that is really silent."""
+    found = []
+    for rank, _, host, pid, _ in _peers:
+        if host != socket.gethostname() or pid == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "X"
+        if state in "TtZX":
+            found.append((rank, {"T": "stopped", "t": "stopped", "Z": "dead"}.get(state, "gone")))
+    return found
 
 
 def resume_hint(job: Job, what: str) -> str:
@@ -228,11 +257,14 @@ def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ") 
 
 def announce(job: Job, about: list[str]) -> None:
     """Rank 0 writes out_dir/ranks.tsv (rank, role, host, pid, logical clients): when a rank dies,
-    mpiexec names only its pid; this file says which rank and role that was. It prints `about` (the
+    mpiexec names only a pid; this file says which rank and role that was. Every rank names its
+    peers with their pid and host from here on (a timeout's or a lost peer's message). It prints `about` (the
     model summary: parameters per part, the cut, bytes per sample each way; what gathering costs)
     with the start line."""
-    rows = job.comm.gather((job.rank, ROLE_NAMES[job.layout.role(job.rank)], socket.gethostname(), os.getpid(),
-                            job.layout.clients_of(job.rank) if job.layout.role(job.rank) == CLIENT else []), root=0)
+    rows = job.comm.allgather((job.rank, ROLE_NAMES[job.layout.role(job.rank)], socket.gethostname(), os.getpid(),
+                               job.layout.clients_of(job.rank) if job.layout.role(job.rank) == CLIENT else []))
+    set_describer(lambda r: f"{job.layout.describe(r)[:-1]}, pid {rows[r][3]} on {rows[r][2]})")  # which process
+    _peers[:] = rows
     if job.rank != 0:
         return
     out = Path(job.cfg.run.out_dir)

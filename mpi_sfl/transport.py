@@ -139,6 +139,10 @@ _poll = True      # set by set_wait_mode at start-up
 _timeout = 0.0    # run.timeout_s: the longest wait on a peer; 0 = no limit
 
 
+class PeerGone(Exception):
+    """An MPI error while waiting on a peer: that peer's process is gone (killed, its node lost)."""
+
+
 class PeerTimeout(Exception):
     """A wait on a peer lasted longer than run.timeout_s: that peer is stuck or dead."""
 
@@ -187,6 +191,15 @@ def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
     """
     if isinstance(reqs, MPI.Request):
         reqs, any_ = [reqs], True
+    try:
+        return _wait(reqs, any_, status, who, collective, patience)
+    except MPI.Exception as exc:  # a peer's process is gone: MPICH fails the transfer (process_vm_readv)
+        raise PeerGone(f"saw an MPI transfer with {who() if callable(who) else who} fail "
+                       f"('{exc.Get_error_string().splitlines()[0].strip()}'): that process is gone "
+                       "(killed, or its node lost)") from None
+
+
+def _wait(reqs, any_: bool, status, who, collective: bool, patience: float) -> int:
     if not _poll and not _timeout:
         if any_:
             return MPI.Request.Waitany(reqs, status)

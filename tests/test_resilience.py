@@ -161,8 +161,30 @@ def test_a_stopped_rank_times_out_with_its_name(tmp_path):
             pass
     assert time.monotonic() - t0 < 30
     assert code == 5, err[-3000:]
-    assert "waited 4 s for rank 3 (client: logical client 2)" in err and "stuck or dead" in err, err[-3000:]
+    assert f"waited 4 s for rank 3 (client: logical client 2, pid {pid} on " in err, err[-3000:]
+    assert re.search(rf"rank 3 \(client: logical client 2, pid {pid} on [^)]+\) is stopped: that is the rank", err), err[-3000:]
     assert "Traceback" not in err and strict_rows(out)
+
+
+def test_a_stopped_fed_server_is_named_not_the_rank_waiting_on_it(tmp_path):
+    """SIGSTOP on the fed server: the clients block in the step's stop agreement with it, so the
+    split server's wait on a client times out first; the message must still name rank 0 as the
+    rank that stopped answering (it named only the client before)."""
+    out = tmp_path / "run"
+    proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=50", "run.timeout_s=4", "run.checkpoint_every=0", f'run.out_dir="{out}"']))
+    wait_for(has_rows(out), 60, proc)
+    role, pid = pids(out)[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code, _, err = finish(proc, limit=60)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert code == 5, err[-3000:]
+    assert f"rank 0 (fed server, pid {pid} on " in err and "is stopped: that is the rank that stopped answering" in err, err[-3000:]
+    assert "Traceback" not in err
 
 
 def test_a_killed_rank_ends_the_job_at_once(tmp_path):
@@ -179,6 +201,20 @@ def test_a_killed_rank_ends_the_job_at_once(tmp_path):
     assert code != 0 and time.monotonic() - t0 < 20
     named = {int(p) for p in re.findall(r"PID (\d+)", out_text + err)}
     assert role == "split_server" and named and named <= {p for _, p in pids(out).values()}, err[-2000:]
+
+
+def test_a_peer_whose_transfers_fail_is_named_as_gone(tmp_path):
+    """An MPI error on a transfer with a peer (what MPICH raises when that peer was killed) ends the
+    job with one line naming the lost rank by role, pid and host (as ranks.tsv lists it) and how to
+    continue, exit 5 and no traceback (before: "rank 2 crashed" and a traceback)."""
+    out = tmp_path / "run"
+    (proc,) = mpijobs(4, ["train", *sets(RESUMABLE + [f'run.out_dir="{out}"'])],
+                      prelude=Path(__file__).with_name("mpi_gone_check.py"))
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    pid = pids(out)[1][1]
+    assert f"saw an MPI transfer with rank 1 (split server, pid {pid} on " in proc.stderr, proc.stderr[-3000:]
+    assert "that process is gone" in proc.stderr and "--resume" in proc.stderr
+    assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
 
 
 # -- non-finite training ----------------------------------------------------------------------------
