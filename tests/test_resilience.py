@@ -143,13 +143,16 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
 
 
 # -- stuck and dead ranks ------------------------------------------------------------------------
-def test_a_stopped_rank_times_out_with_its_name(tmp_path):
-    """SIGSTOP on a client rank (what a hung process looks like): past run.timeout_s the job ends,
-    naming that rank and its role, instead of stalling silently."""
+@pytest.mark.parametrize("rank", [3, 0])
+def test_a_stopped_rank_times_out_with_its_name(tmp_path, rank):
+    """SIGSTOP (what a hung process looks like) on a client rank, and on the fed server: past
+    run.timeout_s the job ends naming the stopped rank and its role, instead of stalling silently.
+    A stopped fed server holds the clients in the step's stop agreement, so the split server's wait
+    on a client times out first: the message must still name rank 0 (it named the client before)."""
     out = tmp_path / "run"
     proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=50", "run.timeout_s=4", "run.checkpoint_every=0", f'run.out_dir="{out}"']))
     wait_for(has_rows(out), 60, proc)
-    role, pid = pids(out)[3]
+    role, pid = pids(out)[rank]
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     try:
@@ -161,30 +164,11 @@ def test_a_stopped_rank_times_out_with_its_name(tmp_path):
             pass
     assert time.monotonic() - t0 < 30
     assert code == 5, err[-3000:]
-    assert f"waited 4 s for rank 3 (client: logical client 2, pid {pid} on " in err, err[-3000:]
-    assert re.search(rf"rank 3 \(client: logical client 2, pid {pid} on [^)]+\) is stopped: that is the rank", err), err[-3000:]
+    who = {3: "rank 3 (client: logical client 2", 0: "rank 0 (fed server"}[rank]
+    if rank == 3:
+        assert f"waited 4 s for {who}, pid {pid} on " in err, err[-3000:]
+    assert re.search(rf"{re.escape(who)}, pid {pid} on [^)]+\) is stopped: that is the rank that stopped answering", err), err[-3000:]
     assert "Traceback" not in err and strict_rows(out)
-
-
-def test_a_stopped_fed_server_is_named_not_the_rank_waiting_on_it(tmp_path):
-    """SIGSTOP on the fed server: the clients block in the step's stop agreement with it, so the
-    split server's wait on a client times out first; the message must still name rank 0 as the
-    rank that stopped answering (it named only the client before)."""
-    out = tmp_path / "run"
-    proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=50", "run.timeout_s=4", "run.checkpoint_every=0", f'run.out_dir="{out}"']))
-    wait_for(has_rows(out), 60, proc)
-    role, pid = pids(out)[0]
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        code, _, err = finish(proc, limit=60)
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    assert code == 5, err[-3000:]
-    assert f"rank 0 (fed server, pid {pid} on " in err and "is stopped: that is the rank that stopped answering" in err, err[-3000:]
-    assert "Traceback" not in err
 
 
 def test_a_killed_rank_ends_the_job_at_once(tmp_path):
