@@ -277,6 +277,8 @@ def test_a_round_boundary_checkpoint_resumes_on_more_or_fewer_ranks_and_servers(
     """4 logical clients, momentum on. A 2-round run at -n 4 (1 split server) resumed for a third
     round at -n 5 and at -n 3, and with 2 split servers at -n 5; a 2-round run with 2 split servers
     resumed with 1 at -n 4: each ends where the uninterrupted 3-round run of its first layout ends.
+    Where every sum runs in logical-client order whatever the layout (a gathering aggregator, one
+    split server, no batching across clients), -n 4 -> 5 ends on the same bits.
     The bound: the same 3 rounds run uninterrupted on 4 ranks / 1 server and on 5 ranks / 2 servers
     differ only by float32 round-off of sums grouped by rank (FedAvg's partial sums, the servers'
     Allreduce); a resumed run does one round's sums each way, so it may differ by as much, and
@@ -288,19 +290,26 @@ def test_a_round_boundary_checkpoint_resumes_on_more_or_fewer_ranks_and_servers(
         return ["train", *sets(base + [f"train.rounds={rounds}", f'run.out_dir="{out}"', *extra])] + (["--resume"] if resume else [])
 
     two = ['sfl.servers=2']
+    # Every sum in logical-client order whatever the layout: the fed server combines each logical
+    # client's vector (a robust aggregator gathers them), one split server sums its clients' gradients
+    # one batch at a time in client order. Then another layout must give the same bits.
+    exact = ['sfl.aggregator="median"', 'sfl.batch_clients="off"']
     d = {name: tmp_path / name for name in ("straight4", "first4", "seed4", "straight5s2", "first5s2", "to5", "to3",
-                                            "to5s2", "to4", "midround")}
-    for proc in mpijobs(4, job(d["straight4"]), job(d["first4"], rounds=2), job(d["seed4"], "run.seed=1")):
+                                            "to5s2", "to4", "midround", "exact4", "exact_first4", "exact_to5")}
+    for proc in mpijobs(4, job(d["straight4"]), job(d["first4"], rounds=2), job(d["seed4"], "run.seed=1"),
+                        job(d["exact4"], *exact), job(d["exact_first4"], *exact, rounds=2)):
         ok(proc)
     for name in ("to5", "to3", "to5s2", "midround"):
         shutil.copytree(d["first4"], d[name])
+    shutil.copytree(d["exact_first4"], d["exact_to5"])
     ckpt = d["midround"] / "checkpoint"  # as if it had stopped after step 1 of round 3
     for r in range(4):
         rewrite_identity(ckpt, r, round=2, step=1)
     edit_meta(ckpt, round=2, step=1)
     s5 = mpijobs(5, job(d["straight5s2"], *two), job(d["first5s2"], *two, rounds=2),
-                 job(d["to5"], resume=True), job(d["to5s2"], *two, resume=True), job(d["midround"], resume=True))
-    for proc in s5[:4]:
+                 job(d["to5"], resume=True), job(d["to5s2"], *two, resume=True), job(d["midround"], resume=True),
+                 job(d["exact_to5"], *exact, resume=True))
+    for proc in s5[:4] + s5[5:]:
         ok(proc)
     assert s5[4].returncode == 2 and "is mid-round (round 3, after step 1)" in s5[4].stderr, s5[4].stderr[-2000:]
     assert "resumes only on that layout (mpiexec -n 4, sfl.servers = 1)" in s5[4].stderr
@@ -314,6 +323,8 @@ def test_a_round_boundary_checkpoint_resumes_on_more_or_fewer_ranks_and_servers(
         assert distance(d[resumed], d[straight]) <= bound, (resumed, distance(d[resumed], d[straight]), bound)
         assert [r["round"] for r in metrics(d[resumed])] == [0, 1, 2]
     assert distance(d["seed4"], d["straight4"]) > 100 * max(bound, 1e-7)
+    a, b = load_model(d["exact4"]), load_model(d["exact_to5"])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # -n 4 -> 5 with client-order sums: the same bits
 
 
 # -- damaged, foreign and edited checkpoints --------------------------------------------------------
