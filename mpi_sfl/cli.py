@@ -1,11 +1,12 @@
 """Command line: `mpi-sfl train|baseline [CONFIG.toml] [--set section.key=value ...] [--resume|--overwrite]`,
-`mpi-sfl plot`, `mpi-sfl checkpoint OUT`.
+`mpi-sfl plot`, `mpi-sfl checkpoint OUT`, `mpi-sfl status OUT`.
 
     mpiexec -n 4 python -m mpi4py -m mpi_sfl train            # the default job
     mpiexec -n 4 python -m mpi4py -m mpi_sfl train --resume   # ...continued after an interruption
     mpi-sfl baseline runs/default/config.toml                 # its single-process reference
     mpi-sfl plot runs/default runs/baseline                   # their curves, as a PNG
     mpi-sfl checkpoint runs/default                           # what a --resume would continue from
+    mpi-sfl status runs/default                               # running, stopped, finished or failed
 """
 from __future__ import annotations
 
@@ -77,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
                        description="print each checkpoint of RUN_DIR (position, layout that wrote it, logical "
                                    "clients, size) after checking every file; reads files only")
     s.add_argument("run", metavar="RUN_DIR", help="a run's out_dir")
+    s = sub.add_parser("status", help="where a run stands: running, stopped and resumable, finished or failed",
+                       description="state, round and step, last metrics, samples/s and ETA, last checkpoint of "
+                                   "the run in RUN_DIR; reads files only (works from a login node, never takes the lock)")
+    s.add_argument("run", metavar="RUN_DIR", help="a run's out_dir")
     return p
 
 
@@ -88,11 +93,14 @@ def main(argv: list[str] | None = None, quick_exit: bool = False) -> None:
     except CommandLineError as exc:
         refuse(str(exc))
     start = "resume" if getattr(args, "resume", False) else "overwrite" if getattr(args, "overwrite", False) else "new"
-    if args.command in ("baseline", "plot", "checkpoint"):
+    if args.command in ("baseline", "plot", "checkpoint", "status"):
         try:
             if args.command == "checkpoint":
                 from . import checkpoint
                 print(checkpoint.describe(args.run))
+            elif args.command == "status":
+                from . import progress
+                print(progress.status(args.run))
             elif args.command == "baseline":
                 from . import baseline, config
                 if quick_exit:

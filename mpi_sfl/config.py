@@ -38,7 +38,7 @@ POSITIVE = ("train.rounds", "train.batch_size", "train.lr", "data.shards_per_cli
 NON_NEGATIVE = ("data.train_samples", "data.test_samples", "train.momentum", "sfl.servers",
                 "train.clients_per_round",
                 "train.aggregate_every", "train.clients", "run.threads", "run.seed",
-                "run.checkpoint_every", "run.timeout_s", "train.attackers", "train.attack_strength",
+                "run.checkpoint_every", "run.timeout_s", "run.progress_every_s", "train.attackers", "train.attack_strength",
                 "sfl.trim", "sfl.byzantine_f", "sfl.krum_select", "sfl.gather_limit_mb", "sfl.noise_std",
                 "sfl.clip_norm")
 
@@ -115,6 +115,7 @@ class Run:
     threads: int
     wait: str
     progress: str
+    progress_every_s: float
     checkpoint_every: int
     timeout_s: float
 

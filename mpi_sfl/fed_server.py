@@ -53,8 +53,10 @@ class FedServer:
         job, cfg = self.job, self.cfg
         self.writer = RunWriter(cfg, cfg.train.rounds, "sfl" if cfg.split else "fl",
                                 resume_rows=self.rows if job.start != (0, 0) else None, dtypes=self.dtypes)
+        progress = self.writer.progress
         for rnd, plan, first in job.rounds():
             t0 = MPI.Wtime()
+            progress.start_round(rnd, first, job.steps(plan), plan.samples)
             for step in range(first, job.steps(plan)):
                 if cfg.averages and cfg.centralized and job.aggregate_due(plan, step):
                     if cfg.robust:
@@ -62,6 +64,7 @@ class FedServer:
                     else:
                         self.aggregator.average_at_root(self.client_buf)
                 job.step_done(rnd, step + 1)
+                progress.step_done(step + 1)
             self.end_round(rnd, plan, t0)
             if job.checkpoint_due(rnd):
                 self.finish_eval()  # its row goes into the checkpoint

@@ -44,7 +44,8 @@ SFL_ONLY = ("partition.json", "ranks.tsv", "checkpoint", "checkpoint.old")
 OURS = ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.pt.tmp", "curves.png", "ranks.tsv",
         "partition.json", "partition.json.tmp-*", "partition.png",
         "checkpoint", "checkpoint.old", "checkpoint.tmp*",
-        "config.toml.tmp-*", "metrics.jsonl.tmp-*", "summary.json.tmp-*", "model.pt.tmp-*")
+        "config.toml.tmp-*", "metrics.jsonl.tmp-*", "summary.json.tmp-*", "model.pt.tmp-*",
+        "progress.json", "progress.json.tmp-*")
 
 
 def prepare(out_dir: str, mode: str, need_bytes: int = 0, *, can_resume: bool = True) -> Path:

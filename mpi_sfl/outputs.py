@@ -14,6 +14,7 @@ from . import models
 from .config import to_toml
 from .layout import ROLE_NAMES
 from .outdir import atomic_torch_save, atomic_write, strict_json
+from .progress import Progress
 from .timing import CPU_KINDS, PHASES
 
 
@@ -91,14 +92,8 @@ class RunWriter:
         if resume_rows is not None:
             atomic_write(self.dir / "metrics.jsonl", "".join(strict_json(r) + "\n" for r in self.rows).encode())
         self.metrics = (self.dir / "metrics.jsonl").open("ab" if resume_rows is not None else "wb", buffering=0)
-        mode = cfg.run.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode, self.label = mode, label
-        self.bar = None
-        if mode == "bar":
-            from tqdm import tqdm
-            self.bar = tqdm(total=rounds, initial=len(self.rows), desc=label, unit="round", file=sys.stderr)
+        self.progress = Progress(cfg, label, rounds, len(self.rows))
+        self.mode, self.label = self.progress.mode, label
 
     def round(self, row: dict, model: torch.nn.Module, *, write_model: bool = True) -> None:
         """Record a finished round: its metrics row and (unless write_model=False, e.g. when the
@@ -116,21 +111,11 @@ class RunWriter:
             os.ftruncate(fd, end)  # no half row: the file stays one strict-JSON row per finished round
             raise
         self.rows.append(row)
-        brief = (f"loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f} "
-                 f"acc {row['test_accuracy']:.4f} {row['seconds']:.1f}s")
-        if self.bar is not None:
-            self.bar.set_postfix_str(brief)
-            self.bar.update(1)
-        elif self.mode == "lines":
-            print(f"[{self.label}] round {row['round'] + 1}/{self.bar_total()} {brief}", file=sys.stderr, flush=True)
-
-    def bar_total(self) -> int:
-        return self.rows[-1].get("rounds", len(self.rows))
+        self.progress.round_done(row)
 
     def finish(self, summary: dict) -> dict:
         """Write summary.json (strict JSON: non-finite figures become null) and return it as written."""
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
         self.metrics.close()
         last = self.rows[-1] if self.rows else {}
         summary = {"final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),

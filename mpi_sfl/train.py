@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from . import checkpoint, client, config, control, data, elastic, fed_server, models, outdir, split_server, startup
+from . import checkpoint, client, config, control, data, elastic, fed_server, models, outdir, progress, split_server, startup
 from .control import EXIT_FAILED, EXIT_STOPPED, EXIT_TIMEOUT, FAILED, Stop
 from .errors import UserError, fail_together
 from .job import Job
@@ -192,16 +192,18 @@ def run(job: Job, worker) -> int:
         written = reason != FAILED and job.checkpoint(worker.state_dict, position)  # same on every rank
         if written and not reason:
             worker.finish()
+            if job.rank == 0:
+                progress.ended(job.cfg.run.out_dir, "finished")
             return 0
         if not written:
             problem = ctl.first_problem()  # collective
             kept = worker.kept() if job.rank == 0 else ""  # the fed server writes (and knows) the outputs
             return report(job, f"{problem}; the run stopped. {kept}"
-                               f"{resume_hint(job, '. The last checkpoint is kept')}", EXIT_FAILED)
+                               f"{resume_hint(job, '. The last checkpoint is kept')}", EXIT_FAILED, state="failed")
         rnd, step = position
         return report(job, f"stopped by {ctl.who_signalled()} at round {rnd + 1}, after step {step} of {rounds} rounds; "
                            f"checkpoint in {Path(job.cfg.run.out_dir) / checkpoint.CURRENT}"
-                           f"{resume_hint(job, '')}", EXIT_STOPPED, prefix="mpi-sfl: ")
+                           f"{resume_hint(job, '')}", EXIT_STOPPED, prefix="mpi-sfl: ", state="stopped")
     except PeerGone as exc:
         print(f"mpi-sfl: error: {describe(job.rank)} {exc}. Finished rounds, model.pt and the last checkpoint "
               f"in {job.cfg.run.out_dir} are kept; continue with the same command and --resume (also on fewer "
@@ -249,9 +251,12 @@ def resume_hint(job: Job, what: str) -> str:
     return f"{what}; continue with the same command and --resume"
 
 
-def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ") -> int:
+def report(job: Job, message: str, code: int, prefix: str = "mpi-sfl: error: ", state: str = "") -> int:
+    """Rank 0 prints how the run ended, and records it for mpi-sfl status (progress.json)."""
     if job.rank == 0:
         print(prefix + message, file=sys.stderr, flush=True)
+        if state:
+            progress.ended(job.cfg.run.out_dir, state, message)
     return code
 
 

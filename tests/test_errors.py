@@ -137,4 +137,4 @@ def test_help_is_printed_once_per_job():
     """--help under mpiexec: the usage once (rank 0's), not once per rank; exit 0."""
     for proc in mpijobs(3, ["--help"], ["train", "--help"]):
         assert proc.returncode == 0 and proc.stdout.count("usage: mpi-sfl") == 1, proc.stdout
-        assert "--set SECTION.KEY=VALUE" in proc.stdout or "{train,baseline,plot,checkpoint}" in proc.stdout
+        assert "--set SECTION.KEY=VALUE" in proc.stdout or "{train,baseline,plot,checkpoint,status}" in proc.stdout

@@ -315,7 +315,7 @@ def test_run_writer_strict_rows_resume_and_keeping_the_model(tmp_path):
     w.finish({"seconds": 2.0, "train_samples_per_s": 10.0})
     assert [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
+    assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "progress.json", "summary.json"]
 
 
 def test_the_command_line_says_how_to_start(monkeypatch):
@@ -382,8 +382,8 @@ def test_a_second_run_is_refused_until_overwrite(tmp_path, tiny_run):
     ok(overwritten)
     assert (other / "model.pt").read_bytes() != before["model.pt"]
     assert config.load(str(other / "config.toml")).run.seed == 1
-    assert sorted(os.listdir(other)) == ["checkpoint", "checkpoint.old", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "ranks.tsv",
-                                       "summary.json"]  # lock released
+    assert sorted(os.listdir(other)) == ["checkpoint", "checkpoint.old", "config.toml", "metrics.jsonl", "model.pt", "partition.json", "progress.json",
+                                       "ranks.tsv", "summary.json"]  # lock released
 
 
 @pytest.mark.mpi

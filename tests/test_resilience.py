@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpi_sfl import checkpoint
+from mpi_sfl import checkpoint, progress
 
 from conftest import TINY, TinyRun, load_model, metrics, mpijobs, mpirun, ok, private_tmpdir, sets, start
 
@@ -265,6 +265,33 @@ def test_a_nan_batch_mid_run(nonfinite, mode, model):
     assert all(torch.isfinite(v).all() for v in load_model(out).values())
 
 
+# -- mpi-sfl status: the four states ----------------------------------------------------------------
+def test_status_tells_running_stopped_finished_and_failed(tmp_path, tiny_run):
+    """`mpi-sfl status OUT` (files only) on a running job, the same job stopped by SIGTERM, the
+    session's finished tiny run, and a killed job whose lock is gone. (A job that stopped on a
+    problem: test_a_failed_model_write_stops_with_one_line_and_consistent_outputs.)"""
+    out = tmp_path / "run"
+    proc = start(4, "train", *sets(RESUMABLE + ["train.rounds=50", 'run.progress="lines"', "run.progress_every_s=0.5",
+                                                f'run.out_dir="{out}"']))
+    wait_for(has_rows(out, 3), 60, proc)  # a round is about 0.3 s: the timed lines have begun
+    wait_for(lambda: "running" in progress.status(str(out)), 10, proc)
+    running = progress.status(str(out))
+    assert re.match(rf"{re.escape(str(out))}: running \(host \S+, pid \d+\)", running), running
+    assert re.search(r"at round \d+/50, step \d+/\d+ \([\d,]+ samples/s, ETA", running), running
+    assert re.search(r"last round \(\d+\): train loss", running) and "last checkpoint: checkpoint/ at the end of round" in running
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 3, err[-2000:]
+    assert re.search(r"\[sfl\] round \d+/50 step \d+/\d+, [\d,]+ samples/s, ETA", err)  # the timed lines
+    assert progress.status(str(out)).startswith(f"{out}: stopped, resumable: continue with the same command and --resume")
+    assert progress.status(str(tiny_run.out)).startswith(f"{tiny_run.out}: finished\n")
+    killed = tiny_run.copy(tmp_path / "killed")
+    (killed / "summary.json").unlink()  # as if killed in its last round: no summary, progress says running
+    progress.ended(str(killed), "running")
+    assert progress.status(str(killed)).startswith(f"{killed}: failed: the job ended without a word")
+    assert "resumable from its last checkpoint" in progress.status(str(killed))
+
+
 # -- elastic: resume on another layout ---------------------------------------------------------------
 def distance(a: Path, b: Path) -> float:
     """The largest elementwise difference between two runs' model.pt."""
@@ -418,6 +445,7 @@ def test_a_failed_model_write_stops_with_one_line_and_consistent_outputs(tmp_pat
     assert f"cannot write the outputs in {out}" in proc.stderr and "File too large" in proc.stderr
     assert proc.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in proc.stderr
     assert not (out / "model.pt").exists() and metrics(out) == []
+    assert progress.status(str(out)).startswith(f"{out}: failed: cannot write the outputs in {out}")
 
 
 def test_scratch_full_mid_run_stops_cleanly(tmp_path):

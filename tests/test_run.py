@@ -74,9 +74,9 @@ def test_baseline_writes_the_same_outputs(tmp_path, tmp_path_factory, tiny_run):
     assert "--overwrite" not in refused.stderr and "--resume" not in refused.stderr
     assert {p.name: p.read_bytes() for p in sfl_out.iterdir() if p.is_file()} == before
     ok(baseline(str(sfl_out / "config.toml"), "--set", f'run.out_dir="{tmp_path}"'))
-    assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "summary.json"]
+    assert sorted(os.listdir(tmp_path)) == ["config.toml", "metrics.jsonl", "model.pt", "progress.json", "summary.json"]
     assert sorted(os.listdir(sfl_out)) == ["checkpoint", "checkpoint.old", "config.toml", "metrics.jsonl", "model.pt", "partition.json",
-                                           "ranks.tsv", "summary.json"]  # SFL also: its checkpoints, partition, ranks
+                                           "progress.json", "ranks.tsv", "summary.json"]  # SFL also: its checkpoints, partition, ranks
     assert load_model(tmp_path).keys() == load_model(sfl_out).keys()
     rows = metrics(tmp_path)
     assert len(rows) == 2 and all(r["cpu_seconds"]["baseline"]["total"] > 0 for r in rows)
