@@ -44,6 +44,7 @@ class Progress:
         self.t0, self.samples = time.monotonic(), 0.0       # this launch's samples, for the rate
         self.next_line = self.next_file = self.next_bar = 0.0
         self.last = ""                                       # the last round's figures
+        self.unshown = 0                                     # steps done since the bar was last drawn
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
@@ -53,6 +54,8 @@ class Progress:
     def start_round(self, rnd: int, first: int, steps: int, samples: int) -> None:
         self.round, self.step, self.steps, self.per_step = rnd, first, steps, samples / max(steps, 1)
         if self.bar is not None:
+            self.bar.update(self.unshown)
+            self.unshown = 0
             if self.bar.unit != "step":  # from here on the bar counts steps over the whole run
                 self.bar.unit, self.bar.total = "step", steps * self.rounds
                 self.bar.n = self.bar.last_print_n = rnd * steps + first
@@ -64,10 +67,11 @@ class Progress:
         self.samples += self.per_step
         now = time.monotonic()
         if self.bar is not None:
-            self.bar.update(1)
-            if now >= self.next_bar:
+            self.unshown += 1
+            if now >= self.next_bar:  # the bar is redrawn twice a second, not per step
                 self.bar.set_postfix_str(self.facts(short=True), refresh=False)
-                self.next_bar = now + 0.5
+                self.bar.update(self.unshown)
+                self.unshown, self.next_bar = 0, now + 0.5
         elif self.mode == "lines" and now >= self.next_line:
             if self.next_line:  # not at the first step: nothing measured yet
                 print(f"[{self.label}] {self.facts()}", file=sys.stderr, flush=True)
@@ -98,8 +102,8 @@ class Progress:
         if self.bar is not None and self.bar.unit == "round" or not self.steps:
             self.round = row["round"] + 1  # the baseline's: no steps to count
         if self.bar is not None:
-            if self.bar.unit == "round":
-                self.bar.update(1)
+            self.bar.update(1 if self.bar.unit == "round" else self.unshown)
+            self.unshown = 0
             self.bar.set_postfix_str(self.facts(short=True) if self.bar.unit == "step" else self.last)
         elif self.mode == "lines":
             print(f"[{self.label}] round {row['round'] + 1}/{self.rounds} loss {row['train_loss']:.4f} test_loss "
