@@ -14,7 +14,7 @@ setup: $(STAMP) data
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[mpich,test,bench]'
+	$(BIN)/python -m pip install -q -e '.[mpich,test,bench,tensorboard]'
 	touch $(STAMP)
 
 # Fashion-MNIST from the Debian package where apt is there; elsewhere mpi_sfl downloads and verifies it.

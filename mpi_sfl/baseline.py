@@ -27,6 +27,7 @@ from .layout import pick_device, set_numerics, set_threads
 from .models import Part
 from .eager import SGD
 from .outputs import RunWriter, cpu_per_sample, evaluate, space_needed
+from .progress import check_tensorboard
 from .transport import Wire
 
 
@@ -40,6 +41,8 @@ def run(cfg, start: str = "new") -> dict:
         raise UserError("mpi-sfl baseline trains one model on the clients' concatenated batches: it has no "
                         "averaging for sfl.aggregator or train.attackers to act on; set sfl.aggregator = 'mean' "
                         "and train.attackers = 0")
+    if cfg.run.tensorboard:
+        check_tensorboard()
     spec, summary = models.for_config(cfg)
     outdir.prepare(cfg.run.out_dir, start, space_needed(summary), can_resume=False)
     try:

@@ -41,7 +41,7 @@ FORMAT = 2
 META_FIELDS = {"format": int, "round": int, "step": int, "world": int, "config": dict, "partition": str,
                "run": str, "files": dict}
 # Keys a resume may change: they do not change what the checkpoint means (train.rounds only upwards).
-HARMLESS = {"run.out_dir", "run.progress", "run.progress_every_s", "run.threads", "run.wait", "run.timeout_s", "run.checkpoint_every",
+HARMLESS = {"run.out_dir", "run.progress", "run.progress_every_s", "run.tensorboard", "run.threads", "run.wait", "run.timeout_s", "run.checkpoint_every",
             "run.scratch_dir", "run.device", "sfl.state", "train.rounds"}
 
 

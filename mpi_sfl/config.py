@@ -116,6 +116,7 @@ class Run:
     wait: str
     progress: str
     progress_every_s: float
+    tensorboard: bool
     checkpoint_every: int
     timeout_s: float
 

@@ -45,7 +45,7 @@ OURS = ("config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.pt.tm
         "partition.json", "partition.json.tmp-*", "partition.png",
         "checkpoint", "checkpoint.old", "checkpoint.tmp*",
         "config.toml.tmp-*", "metrics.jsonl.tmp-*", "summary.json.tmp-*", "model.pt.tmp-*",
-        "progress.json", "progress.json.tmp-*")
+        "progress.json", "progress.json.tmp-*", "tensorboard")
 
 
 def prepare(out_dir: str, mode: str, need_bytes: int = 0, *, can_resume: bool = True) -> Path:

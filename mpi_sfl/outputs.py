@@ -14,7 +14,7 @@ from . import models
 from .config import to_toml
 from .layout import ROLE_NAMES
 from .outdir import atomic_torch_save, atomic_write, strict_json
-from .progress import Progress
+from .progress import Board, Progress
 from .timing import CPU_KINDS, PHASES
 
 
@@ -94,6 +94,7 @@ class RunWriter:
         self.metrics = (self.dir / "metrics.jsonl").open("ab" if resume_rows is not None else "wb", buffering=0)
         self.progress = Progress(cfg, label, rounds, len(self.rows))
         self.mode, self.label = self.progress.mode, label
+        self.board = Board(cfg.run.out_dir, len(self.rows)) if cfg.run.tensorboard else None
 
     def round(self, row: dict, model: torch.nn.Module, *, write_model: bool = True) -> None:
         """Record a finished round: its metrics row and (unless write_model=False, e.g. when the
@@ -112,10 +113,14 @@ class RunWriter:
             raise
         self.rows.append(row)
         self.progress.round_done(row)
+        if self.board is not None:
+            self.board.round(row)
 
     def finish(self, summary: dict) -> dict:
         """Write summary.json (strict JSON: non-finite figures become null) and return it as written."""
         self.progress.close()
+        if self.board is not None:
+            self.board.close()
         self.metrics.close()
         last = self.rows[-1] if self.rows else {}
         summary = {"final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),

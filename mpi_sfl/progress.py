@@ -140,6 +140,50 @@ def ended(out_dir: str, state: str, message: str = "") -> None:
         pass
 
 
+# -- run.tensorboard ------------------------------------------------------------------------------------
+def check_tensorboard() -> None:
+    """At set-up (rank 0), when run.tensorboard is on: the optional writer must be installed."""
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        raise UserError("run.tensorboard = true needs the tensorboardX package: pip install 'mpi_sfl[tensorboard]' "
+                        "(or set run.tensorboard = false)") from None
+
+
+class Board:
+    """Every round's figures as TensorBoard scalars in OUT/tensorboard, step = the round (1-based):
+    each number of the metrics row, and each number inside its per-role (and per-phase, per-kind)
+    tables as `field/role[/name]`, so losses, accuracy, samples/s, bytes and seconds per role, and
+    the robust aggregators' and the noise's figures where a run has them, are all there. A resumed
+    run writes into the same directory from its checkpoint's round on (purge_step drops what a killed
+    run had written past it), so its curves go on without a jump."""
+
+    def __init__(self, out_dir: str, done_rounds: int):
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=done_rounds + 1 if done_rounds else None)
+
+    def round(self, row: dict) -> None:
+        step = row["round"] + 1
+        if row.get("seconds"):
+            self.writer.add_scalar("samples_per_s", row["samples"] / row["seconds"], step)
+        for tag, value in _scalars(row):
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _scalars(row: dict, prefix: str = ""):
+    for key, value in row.items():
+        if key in ("round", "rounds"):
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            yield f"{prefix}{key}", float(value)
+
+
 # -- mpi-sfl status OUT -------------------------------------------------------------------------------
 def status(out_dir: str) -> str:
     """Where the run in `out_dir` stands: running (with the lock's host, pid and Slurm job), stopped

@@ -68,6 +68,8 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
         gathering = check_robust(cfg.sfl.aggregator, cfg.train.clients_per_round or layout.clients, cfg.sfl.trim,
                                  cfg.sfl.byzantine_f, summary.client_floats(cfg.u_shape, cfg.split) + 1,
                                  cfg.sfl.gather_limit_mb)
+        if comm.rank == 0 and cfg.run.tensorboard:
+            progress.check_tensorboard()
         if comm.rank == 0:  # checked, created and locked before any work; nothing is written on failure
             outdir.prepare(cfg.run.out_dir, start, space_needed(summary))
             held.append(cfg.run.out_dir)

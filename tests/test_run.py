@@ -135,3 +135,46 @@ def test_every_variant_trains_end_to_end(tmp_path):
         model = load_model(out)
         assert {k: v.shape for k, v in model.items()} == {k: v.shape for k, v in ref.items()}, variant
         assert json.loads((out / "summary.json").read_text())["variant"] == variant
+
+
+def tensorboard_scalars(out: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from every event file in OUT/tensorboard, read with tensorboardX's own
+    Event message (a TFRecord: 8-byte length, 4-byte CRC, the record, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found: dict[str, dict[int, float]] = {}
+    for f in sorted((out / "tensorboard").iterdir()):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            for v in event.summary.value:
+                found.setdefault(v.tag, {})[event.step] = v.simple_value
+    return found
+
+
+def test_tensorboard_holds_every_round_and_a_resume_goes_on(tmp_path):
+    """run.tensorboard: rank 0's event files hold each round's figures (losses, accuracy,
+    samples/s, bytes and per-phase seconds per role); a resumed run continues the same curves at
+    the next round. Without the optional package: one line at set-up, exit 2."""
+    out = tmp_path / "run"
+    base = TINY + ["train.clients=3", "run.tensorboard=true", f'run.out_dir="{out}"']
+    first, resumed = mpijobs(3, ["train", *sets(base)], ["train", *sets(base + ["train.rounds=3"]), "--resume"])
+    ok(first), ok(resumed)
+    scalars, rows = tensorboard_scalars(out), metrics(out)
+    for tag in ("train_loss", "test_loss", "test_accuracy"):
+        assert scalars[tag] == {r["round"] + 1: float(torch.tensor(r[tag], dtype=torch.float32)) for r in rows}, tag
+    assert sorted(scalars["samples_per_s"]) == [1, 2, 3] and min(scalars["samples_per_s"].values()) > 0
+    for tag in ("bytes_sent/client", "bytes_sent/split_server", "phase_seconds/split_server/server_compute",
+                "cpu_seconds/client/compute"):
+        assert sorted(scalars[tag]) == [1, 2, 3], tag
+    fake = tmp_path / "no_tensorboardx" / "tensorboardX"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named tensorboardX')\n")
+    (refused,) = mpijobs(3, ["train", *sets(TINY + ["run.tensorboard=true", f'run.out_dir="{tmp_path / "other"}"'])],
+                         extra_env={"PYTHONPATH": str(fake.parent)})
+    assert refused.returncode == 2 and "needs the tensorboardX package: pip install 'mpi_sfl[tensorboard]'" in refused.stderr
+    assert refused.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in refused.stderr
