@@ -160,7 +160,10 @@ class Board:
 
     def __init__(self, out_dir: str, done_rounds: int):
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=done_rounds + 1 if done_rounds else None)
+        # Event files are named by the second they are opened: a resume within the same second
+        # would replace the first run's file, so each launch's file also names its first round.
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=done_rounds + 1 if done_rounds else None,
+                                    filename_suffix=f".round{done_rounds + 1}.{os.getpid()}")
 
     def round(self, row: dict) -> None:
         step = row["round"] + 1

@@ -178,3 +178,18 @@ def test_tensorboard_holds_every_round_and_a_resume_goes_on(tmp_path):
                          extra_env={"PYTHONPATH": str(fake.parent)})
     assert refused.returncode == 2 and "needs the tensorboardX package: pip install 'mpi_sfl[tensorboard]'" in refused.stderr
     assert refused.stderr.count("mpi-sfl: error:") == 1 and "Traceback" not in refused.stderr
+
+
+def test_a_resume_in_the_same_second_keeps_the_first_event_file(tmp_path, monkeypatch):
+    """Event files are named by the second they are opened: a resumed run's writer opened within
+    the same second (the clock held still here) must not replace the first run's file."""
+    from mpi_sfl.progress import Board
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    first = Board(str(tmp_path), 0)
+    for rnd in (0, 1):
+        first.round({"round": rnd, "train_loss": 1.0 / (rnd + 1), "samples": 10, "seconds": 1.0})
+    first.close()
+    again = Board(str(tmp_path), 2)
+    again.round({"round": 2, "train_loss": 0.25, "samples": 10, "seconds": 1.0})
+    again.close()
+    assert tensorboard_scalars(tmp_path)["train_loss"] == {1: 1.0, 2: 0.5, 3: 0.25}
