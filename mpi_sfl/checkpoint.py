@@ -206,18 +206,15 @@ def describe(out_dir: str) -> str:
             for r in range(meta["world"]):
                 load_state(d, meta, r)
             verdict = "intact (every rank file's SHA-256 and identity checked)"
-            usable = usable or d
+            usable = usable or (d, meta)
         except Damaged as exc:
             lines += [f"{d}: DAMAGED: {exc}"]
             continue
         cfg = meta["config"]
         sfl, train = cfg.get("sfl", {}), cfg.get("train", {})
         size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-        rnd, step = meta["round"], meta["step"]
-        where = (f"the end of round {rnd} of {train.get('rounds')}" if step == 0 and rnd
-                 else f"round {rnd + 1} of {train.get('rounds')}, after step {step}")
         lines += [f"{d}: {verdict}",
-                  f"  position: {where}; written {meta.get('written', '?')} "
+                  f"  position: {position(meta, train.get('rounds'))}; written {meta.get('written', '?')} "
                   f"({_age(d / 'meta.json')} ago); run {meta['run'][:8]}",
                   f"  written by: mpiexec -n {meta['world']}, variant {sfl.get('variant')}, state {sfl.get('state')}, "
                   f"{sfl.get('servers')} split server(s), model {cfg.get('model', {}).get('name')}",
@@ -230,13 +227,21 @@ def describe(out_dir: str) -> str:
     if usable is None:
         lines.append("--resume would be refused: no intact checkpoint")
     else:
-        m = read_meta(usable)
+        d, m = usable
         rounds = m["config"].get("train", {}).get("rounds")
         done = (m["round"], m["step"]) == (rounds, 0)
-        lines.append(f"--resume continues from {usable.name}/ with mpiexec -n {m['world']} and the same config "
+        lines.append(f"--resume continues from {d.name}/ with mpiexec -n {m['world']} and the same config "
                      "(run.* settings, sfl.state and a higher train.rounds may change)"
                      + (f"; the run has finished its {rounds} rounds: raise train.rounds to train further" if done else ""))
     return "\n".join(lines)
+
+
+def position(meta: dict, rounds=None) -> str:
+    """Where a checkpoint continues from, in words: 'the end of round 2 (of 6)' or 'round 3, after step 40'."""
+    of = f" of {rounds}" if rounds else ""
+    if meta["step"] or not meta["round"]:
+        return f"round {meta['round'] + 1}{of}, after step {meta['step']}"
+    return f"the end of round {meta['round']}{of}"
 
 
 def _age(path: Path) -> str:

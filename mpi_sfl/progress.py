@@ -99,8 +99,8 @@ class Progress:
     # -- every role that writes metrics: each round --------------------------------------------------
     def round_done(self, row: dict) -> None:
         self.last = f"round {row['round'] + 1}: loss {row['train_loss']:.4f} acc {row['test_accuracy']:.4f}"
-        if self.bar is not None and self.bar.unit == "round" or not self.steps:
-            self.round = row["round"] + 1  # the baseline's: no steps to count
+        if not self.steps:  # the baseline: no steps to count (start_round is the fed server's)
+            self.round = row["round"] + 1
         if self.bar is not None:
             self.bar.update(1 if self.bar.unit == "round" else self.unshown)
             self.unshown = 0
@@ -113,13 +113,9 @@ class Progress:
 
     def write(self, state: str, message: str = "") -> None:
         rate, eta = self.rate(), self.eta() if state == "running" else None
-        facts = {"state": state, "message": message, "round": self.round, "rounds": self.rounds, "step": self.step,
-                 "steps": self.steps, "samples_per_s": rate, "eta_s": eta, "last_round": self.last,
-                 "updated": time.time(), **self.where}
-        try:
-            atomic_write(self.path, (strict_json(facts, indent=1) + "\n").encode())
-        except OSError:
-            pass  # watching a run never stops it (a full disk is found by the outputs' own writes)
+        _save(self.path, {"state": state, "message": message, "round": self.round, "rounds": self.rounds,
+                          "step": self.step, "steps": self.steps, "samples_per_s": rate, "eta_s": eta,
+                          "last_round": self.last, "updated": time.time(), **self.where})
 
     def close(self) -> None:
         if self.bar is not None:
@@ -133,11 +129,14 @@ def ended(out_dir: str, state: str, message: str = "") -> None:
         facts = json.loads(path.read_text())
     except (OSError, ValueError):
         facts = {}
-    facts.update(state=state, message=message, updated=time.time(), eta_s=None)
+    _save(path, {**facts, "state": state, "message": message, "updated": time.time(), "eta_s": None})
+
+
+def _save(path: Path, facts: dict) -> None:
     try:
         atomic_write(path, (strict_json(facts, indent=1) + "\n").encode())
     except OSError:
-        pass
+        pass  # watching a run never stops it (a full disk is found by the outputs' own writes)
 
 
 # -- run.tensorboard ------------------------------------------------------------------------------------
@@ -239,10 +238,8 @@ def status(out_dir: str) -> str:
         lines[0] += "; resumable from its last checkpoint: the same command with --resume"
     if found is not None:
         meta = _json(found / "meta.json") or {}
-        if "round" in meta:
-            where = (f"round {meta['round'] + 1}, after step {meta['step']}" if meta.get("step")
-                     else f"the end of round {meta['round']}")
-            lines.append(f"  last checkpoint: {found.name}/ at {where}, written "
+        if isinstance(meta.get("round"), int) and isinstance(meta.get("step"), int):
+            lines.append(f"  last checkpoint: {found.name}/ at {checkpoint.position(meta)}, written "
                          f"{_span(time.time() - (found / 'meta.json').stat().st_mtime)} ago "
                          f"(mpi-sfl checkpoint {out_dir}: what it holds)")
     return "\n".join(lines)

@@ -207,25 +207,26 @@ def run(job: Job, worker) -> int:
                            f"checkpoint in {Path(job.cfg.run.out_dir) / checkpoint.CURRENT}"
                            f"{resume_hint(job, '')}", EXIT_STOPPED, prefix="mpi-sfl: ", state="stopped")
     except PeerGone as exc:
-        print(f"mpi-sfl: error: {describe(job.rank)} {exc}. Finished rounds, model.pt and the last checkpoint "
-              f"in {job.cfg.run.out_dir} are kept; continue with the same command and --resume (also on fewer "
-              "ranks, from a round's checkpoint). Ending the job.", file=sys.stderr, flush=True)
-        worker.close()
-        job.comm.Abort(EXIT_TIMEOUT)
-        return EXIT_TIMEOUT
+        return abort(job, worker, f"{exc}. Finished rounds, model.pt and the last checkpoint in {job.cfg.run.out_dir} "
+                                  "are kept; continue with the same command and --resume (also on fewer ranks, from a "
+                                  "round's checkpoint). Ending the job.")
     except PeerTimeout as exc:
         silent = stopped_here()  # the rank actually silent may be another: the one the waited-for rank waits on
         blame = (f"; {' and '.join(f'{describe(r)} is {what}' for r, what in silent)}: "
                  f"{'that is the rank' if len(silent) == 1 else 'those are the ranks'} that stopped answering"
                  if silent else f"; {'a rank' if exc.collective else 'it'} is stuck or dead")
-        print(f"mpi-sfl: error: {describe(job.rank)} {exc}{blame} (run.timeout_s = "
-              f"{job.cfg.run.timeout_s:g}). Finished rounds, model.pt and the last checkpoint in "
-              f"{job.cfg.run.out_dir} are kept; ending the job.", file=sys.stderr, flush=True)
-        worker.close()
-        job.comm.Abort(EXIT_TIMEOUT)
-        return EXIT_TIMEOUT
+        return abort(job, worker, f"{exc}{blame} (run.timeout_s = {job.cfg.run.timeout_s:g}). Finished rounds, model.pt "
+                                  f"and the last checkpoint in {job.cfg.run.out_dir} are kept; ending the job.")
     finally:
         worker.close()
+
+
+def abort(job: Job, worker, message: str) -> int:
+    """A peer is stuck or gone: this rank says so in one line and ends every rank (MPI_Abort)."""
+    print(f"mpi-sfl: error: {describe(job.rank)} {message}", file=sys.stderr, flush=True)
+    worker.close()  # MPI_Abort ends this process before the finally clause could
+    job.comm.Abort(EXIT_TIMEOUT)
+    return EXIT_TIMEOUT
 
 
 _peers: list[tuple] = []  # announce: (rank, role, host, pid, logical clients) of every rank
