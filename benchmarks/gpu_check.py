@@ -35,7 +35,7 @@ import torch
 from benchmarks import common
 from mpi_sfl import baseline, client, config, models
 from mpi_sfl.layout import pick_device, set_numerics
-from mpi_sfl.transport import Wire
+from mpi_sfl.wire import Wire
 
 ROUNDOFF_K, FLOOR_ULPS = 10, 64  # as the exactness tests bound a run (tests/conftest.py)
 TINY = {"data.dataset": "synthetic", "data.train_samples": 240, "data.test_samples": 200, "train.rounds": 2,

@@ -28,7 +28,7 @@ from .models import Part
 from .eager import SGD
 from .outputs import RunWriter, cpu_per_sample, evaluate, space_needed
 from .progress import check_tensorboard
-from .transport import Wire
+from .wire import Wire
 
 
 def run(cfg, start: str = "new") -> dict:
@@ -136,7 +136,7 @@ def schedule(cfg, plan: data.RoundPlan) -> list[list[tuple[int, int]]]:
 
 class WireCut(torch.autograd.Function):
     """sfl.wire_dtype at a cut: the forward value and the backward gradient each rounded as the
-    wire rounds them (transport.Wire). A client sends the gradient of its own batch's mean loss,
+    wire rounds them (wire.Wire). A client sends the gradient of its own batch's mean loss,
     which is the baseline's gradient of the chunk times (all samples / the chunk's): it is rounded
     at that scale and scaled back (exact when the ratio is a power of two)."""
 
@@ -186,5 +186,5 @@ def _average_buffers(bufs: list[torch.Tensor], after: list[list[torch.Tensor]], 
             acc = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
             for values, w in zip(after, weights):
                 acc.add_(values[k].float(), alpha=float(w))
-            acc.div_(torch.full_like(acc, total))  # not by a scalar: CUDA would use its reciprocal (transport.Wire.pack)
+            acc.div_(torch.full_like(acc, total))  # not by a scalar: CUDA would use its reciprocal (wire.Wire.pack)
             b.data.copy_(acc if b.is_floating_point() else acc.round())  # .data: see models.restore

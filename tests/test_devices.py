@@ -27,7 +27,7 @@ from mpi_sfl.errors import UserError
 from mpi_sfl.job import STATS, Job
 from mpi_sfl.state import make_state
 from mpi_sfl.timing import Timers
-from mpi_sfl.transport import Wire
+from mpi_sfl.wire import Wire
 
 GPU = torch.device("meta")  # the stand-in: any device but the CPU takes the GPU's branches
 CUDA = torch.device("cuda", 0)

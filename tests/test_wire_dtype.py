@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import TINY, baseline, baseline_here, close, load_model, max_diff, metrics, mpirun, ok, record, roundoff_bound, sets
-from mpi_sfl.transport import Wire
+from mpi_sfl.wire import Wire
 
 
 def test_each_wire_format_rounds_as_defined_and_takes_its_bytes():
