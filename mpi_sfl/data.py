@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .sources import (MEAN, NUM_CLASSES, STD, _check_finite, _load_fmnist, _synthetic, _to_float32, check_npz,
-                      locate_fashion_mnist, npz_arrays)
+from .sources import (MEAN, NUM_CLASSES, STD, check_finite, check_npz, load_fashion_mnist, locate_fashion_mnist,
+                      npz_arrays, synthetic, to_float32)
 
 
 @dataclass
@@ -95,7 +95,7 @@ def load(cfg, kind: str, labels_only: bool = False, only: np.ndarray | None = No
     if d.dataset == "synthetic":
         n = (d.train_samples or 10000) if kind == "train" else (d.test_samples or 2000)
         select(n)
-        x, y = _synthetic(n, d.shape, cfg.run.seed, 1 if kind == "train" else 2, ids, labels_only)
+        x, y = synthetic(n, d.shape, cfg.run.seed, 1 if kind == "train" else 2, ids, labels_only)
         return Split(None if x is None else torch.from_numpy(x), torch.from_numpy(y).long(), ids)
     if d.dataset == "npz":
         _, arrays = npz_arrays(d.path)
@@ -105,10 +105,10 @@ def load(cfg, kind: str, labels_only: bool = False, only: np.ndarray | None = No
         if labels_only:
             return Split(None, y, ids)
         stored = arrays[f"x_{kind}"]
-        x = _to_float32(stored[rows])  # a memmap reads only these rows
-        _check_finite(x, f"x_{kind}", d.path, ids, stored.dtype)  # the rows held, in memory (set-up checked all)
+        x = to_float32(stored[rows])  # a memmap reads only these rows
+        check_finite(x, f"x_{kind}", d.path, ids, stored.dtype)  # the rows held, in memory (set-up checked all)
         return Split(torch.from_numpy(x), y, ids)
-    images, labels = _load_fmnist(locate_fashion_mnist(d.dir), kind, labels_only)
+    images, labels = load_fashion_mnist(locate_fashion_mnist(d.dir), kind, labels_only)
     rows = select(_count(d.train_samples if kind == "train" else d.test_samples, len(labels)))
     y = torch.from_numpy(labels[rows].astype(np.int64))
     if images is None:

@@ -120,7 +120,7 @@ def _parse_idx(raw: bytes, path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _load_fmnist(directory: Path, kind: str, labels_only: bool) -> tuple[np.ndarray | None, np.ndarray]:
+def load_fashion_mnist(directory: Path, kind: str, labels_only: bool) -> tuple[np.ndarray | None, np.ndarray]:
     prefix = "train" if kind == "train" else "t10k"
     lname = f"{prefix}-labels-idx1-ubyte"
     lpath = _find_file(directory, lname)
@@ -141,8 +141,8 @@ def synthetic_chunk(shape) -> int:
     return max(1, SYNTHETIC_CHUNK_BYTES // (4 * int(np.prod(shape))))
 
 
-def _synthetic(n: int, shape, seed: int, stream: int, ids: np.ndarray | None,
-               labels_only: bool) -> tuple[np.ndarray | None, np.ndarray]:
+def synthetic(n: int, shape, seed: int, stream: int, ids: np.ndarray | None,
+              labels_only: bool) -> tuple[np.ndarray | None, np.ndarray]:
     """Learnable, seeded samples of `shape`: a fixed random prototype per class plus N(0, 1.5^2)
     noise. Rows `ids` (sorted; None = all n).
 
@@ -294,8 +294,8 @@ def _check_labels(y: np.ndarray, key: str, path: str) -> None:
         raise UserError(f"{key} in {path} has label {high}; labels are class numbers 0, 1, ... (at most 2^31 - 1)")
 
 
-def _check_finite(x: np.ndarray, key: str, path: str, ids: np.ndarray | None = None,
-                  stored: np.dtype | None = None) -> None:
+def check_finite(x: np.ndarray, key: str, path: str, ids: np.ndarray | None = None,
+                 stored: np.dtype | None = None) -> None:
     """No NaN or inf, as float32 (a float64 beyond float32's range is inf there): a scan in pieces,
     so a memory-mapped array is read a piece at a time. `ids`: the global sample ids of x's rows;
     `stored`: the file's dtype when x is already converted."""
@@ -331,10 +331,10 @@ def check_npz(path: str) -> None:
     this once, on rank 0, before any rank loads; a uint8 file has nothing to scan."""
     _, arrays = npz_arrays(path)
     for key in ("x_train", "x_test"):
-        _check_finite(arrays[key], key, path)
+        check_finite(arrays[key], key, path)
 
 
-def _to_float32(a: np.ndarray) -> np.ndarray:
+def to_float32(a: np.ndarray) -> np.ndarray:
     """float32 samples: uint8 / 255, floats converted. A native float32 C-ordered array (a memmap
     of the whole set) is returned as is, without a copy."""
     if a.dtype == np.uint8:
@@ -343,5 +343,5 @@ def _to_float32(a: np.ndarray) -> np.ndarray:
         return out
     if a.dtype == np.float32 and a.dtype.isnative and a.flags.c_contiguous:
         return a
-    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused by _check_finite
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused by check_finite
         return np.ascontiguousarray(a, dtype=np.float32)
