@@ -1,9 +1,10 @@
-"""Data: Fashion-MNIST (verified IDX files), a seeded synthetic set of any sample shape, the user's
-own data as an .npz (memory-mapped), and the client partitions.
+"""Data as every role sees it: the samples of a train or test set from the configured source
+(sources.py: Fashion-MNIST, synthetic, npz), the client partitions, and the round plan that every
+rank computes alike.
 
 `load(cfg, kind, only=ids)` gives a Split that holds only the samples with those global ids (a
 client rank asks for its logical clients' shards); `describe(cfg)` gives the sample shape and the
-number of classes without loading any sample."""
+number of classes without loading any sample; `prepare(cfg)` is set-up's one look at the source."""
 from __future__ import annotations
 
 from dataclasses import dataclass

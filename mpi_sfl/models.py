@@ -4,10 +4,11 @@ U-shaped split: client = encoder + head, server = body. Label-sharing split: cli
 server = body + head. The global model is always `Parts(encoder, body, head)`, so `model.pt` has the
 same keys whatever the split.
 
-A model is a built-in name (`MODELS`: an `nn.Sequential` and its default cut) or a user function
-`"package.module:function"`, importable on every rank, that returns three modules (encoder, body,
-head) or an `nn.Sequential` cut at `model.cut = [i, j]`: encoder = seq[:i], body = seq[i:j],
-head = seq[j:]. A function that names `input_shape` or `num_classes` among its parameters gets them.
+A model is a built-in name (zoo.py's `MODELS`: an `nn.Sequential` and its default cut) or a user
+function `"package.module:function"`, importable on every rank, that returns three modules
+(encoder, body, head) or an `nn.Sequential` cut at `model.cut = [i, j]`: encoder = seq[:i],
+body = seq[i:j], head = seq[j:]. A function that names `input_shape` or `num_classes` among its
+parameters gets them.
 Every rank builds the model under the same seed, so all start from identical weights; `check` runs
 a dummy batch through it once at set-up, so a model that cannot work ends the job with one message.
 """

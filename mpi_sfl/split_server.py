@@ -13,6 +13,10 @@ It keeps no autograd graph between a forward and its backward unless sfl.state =
 - sl:   as v2, but one logical client at a time over its whole shard.
 sync and v1 forward an activation as soon as it arrives and apply backwards in logical-client
 order, so that runs are bit-reproducible whatever the arrival order.
+
+A step, top to bottom: `SplitServer.stepped_round` (here) serves the step's clients
+(serving.py: together, batched or in order; each batch's gradient comes back to `learn`), then
+updates the server parts across split servers (server_part.py: sync's mean step, v1's averaging).
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ from .transport import describe, polite_wait
 
 
 class SplitServer:
+    """A split server's role: the round loop over its client ranks' logical clients, what a
+    gradient does to the server parts, and its checkpoint (the parts and the round so far)."""
+
     def __init__(self, job: Job, scratch: Path | None):
         cfg = self.cfg = job.cfg
         self.job, self.scratch = job, scratch
@@ -131,7 +138,7 @@ class SplitServer:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-    # -- which copy serves a client, and what a gradient does to it ----------------------------
+    # -- what a gradient does to the server part -----------------------------------------------
     def learn(self, client: int, grads: list[torch.Tensor], samples: int) -> None:
         if self.cfg.sfl.variant == "sync":  # sample-weighted; applied once per step
             self.parts.main.add_grads(grads, samples, self.parts.client_buffers.pop(client, None))
