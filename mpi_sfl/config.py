@@ -268,7 +268,7 @@ def validate(cfg: Raw) -> None:
     for dotted in NON_NEGATIVE:
         if cfg.get_key(dotted) < 0:
             raise UserError(f"{dotted} must be >= 0, got {cfg.get_key(dotted)}")
-    from .models import MODELS
+    from .zoo import MODELS
     name = cfg["model"]["name"]
     if name not in MODELS and (":" not in name or not all(name.split(":", 1))):
         raise UserError(f"model.name = {name!r} is neither a built-in model ({', '.join(MODELS)}) nor a "

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from mpi_sfl import config, data
+from mpi_sfl import config, data, sources
 from mpi_sfl.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def fmnist_dir():
-    return data.locate_fashion_mnist("")
+    return sources.locate_fashion_mnist("")
 
 
 def test_fashion_mnist_loads_verified(fmnist_dir):
@@ -30,13 +30,13 @@ def test_fashion_mnist_loads_verified(fmnist_dir):
 
 def test_configured_dir_without_files_is_an_error(tmp_path):
     with pytest.raises(UserError, match="lacks train-images-idx3-ubyte.gz"):
-        data.locate_fashion_mnist(str(tmp_path))
+        sources.locate_fashion_mnist(str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupt_file_is_named(fmnist_dir, tmp_path, damage):
-    for name in data.FILES:
-        shutil.copy(data._find_file(fmnist_dir, name), tmp_path)
+    for name in sources.FILES:
+        shutil.copy(sources._find_file(fmnist_dir, name), tmp_path)
     victim = tmp_path / "train-labels-idx1-ubyte.gz"
     raw = bytearray(victim.read_bytes())
     if damage == "truncate":
@@ -54,23 +54,23 @@ def test_download_verifies_and_caches(fmnist_dir, tmp_path, monkeypatch):
     """The download path against a loopback HTTP server: good files land in the cache, bad ones not."""
     served = tmp_path / "served"
     served.mkdir()
-    for name in data.FILES:
-        shutil.copy(data._find_file(fmnist_dir, name), served)
+    for name in sources.FILES:
+        shutil.copy(sources._find_file(fmnist_dir, name), served)
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv(data.URL_ENV, f"http://127.0.0.1:{server.server_port}/")
+        monkeypatch.setenv(sources.URL_ENV, f"http://127.0.0.1:{server.server_port}/")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-        monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "nowhere")
+        monkeypatch.setattr(sources, "SYSTEM_DIR", tmp_path / "nowhere")
         (served / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not the data"))
         with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is not the published"):
-            data.locate_fashion_mnist("")
-        assert not (data.cache_dir() / "t10k-labels-idx1-ubyte.gz").exists()
-        shutil.copy(data._find_file(fmnist_dir, "t10k-labels-idx1-ubyte"), served)
-        assert data.locate_fashion_mnist("") == data.cache_dir()
-        assert sorted(p.name for p in data.cache_dir().iterdir()) == sorted(f"{n}.gz" for n in data.FILES)
+            sources.locate_fashion_mnist("")
+        assert not (sources.cache_dir() / "t10k-labels-idx1-ubyte.gz").exists()
+        shutil.copy(sources._find_file(fmnist_dir, "t10k-labels-idx1-ubyte"), served)
+        assert sources.locate_fashion_mnist("") == sources.cache_dir()
+        assert sorted(p.name for p in sources.cache_dir().iterdir()) == sorted(f"{n}.gz" for n in sources.FILES)
     finally:
         server.shutdown()
 
@@ -130,7 +130,7 @@ def test_describe_without_loading(fmnist_dir, tmp_path):
 @pytest.mark.parametrize("shape, n", [([1, 28, 28], 6000), ([3, 64, 64], 1500), ([20], 1500)])
 def test_synthetic_subset_equals_those_rows_of_the_whole_set(shape, n):
     cfg = synthetic_cfg(f"data.shape={shape}", f"data.train_samples={n}", "data.test_samples=300")
-    assert (data.synthetic_chunk(shape) < n / 2) is (shape != [20])  # several chunks, cut mid-chunk (not [20])
+    assert (sources.synthetic_chunk(shape) < n / 2) is (shape != [20])  # several chunks, cut mid-chunk (not [20])
     full = data.load(cfg, "train")
     assert full.x.shape == (n, *shape) and full.x.dtype == torch.float32 and full.ids is None
     ids = np.random.default_rng(5).choice(n, 400, replace=False)  # unsorted: kept sorted by load
@@ -158,7 +158,7 @@ def test_a_synthetic_subset_costs_one_chunk_plus_its_rows():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    chunk_bytes = data.synthetic_chunk([1, 28, 28]) * 28 * 28 * 4
+    chunk_bytes = sources.synthetic_chunk([1, 28, 28]) * 28 * 28 * 4
     assert peak < 2 * chunk_bytes + 4 * 64000 * 8 + 100 * 28 * 28 * 4, peak / 2**20
     assert torch.equal(sub.x[-1], data.load(cfg, "train", only=[63999]).x[0])
 
@@ -238,7 +238,7 @@ def test_npz_round_trip(tmp_path, dtype, compressed):
     assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
     assert np.array_equal(train.x.numpy(), want_tr) and np.array_equal(test.x.numpy(), want_te)
     assert train.y.tolist() == ytr.tolist() and test.y.tolist() == yte.tolist()
-    members, arrays = data.npz_arrays(str(path))
+    members, arrays = sources.npz_arrays(str(path))
     assert isinstance(arrays["x_train"], np.memmap) is (not compressed)
     assert (members["x_train"].offset is None) is compressed
     if not compressed:
@@ -255,7 +255,7 @@ def test_npz_round_trip(tmp_path, dtype, compressed):
 def test_npz_fortran_order_and_big_endian(tmp_path):
     x = np.asfortranarray(np.arange(6 * 2 * 3, dtype=">f4").reshape(6, 2, 3))
     path = write_npz(tmp_path / "f.npz", x_train=x)
-    assert data.npz_arrays(str(path))[0]["x_train"].fortran
+    assert sources.npz_arrays(str(path))[0]["x_train"].fortran
     train = data.load(npz_cfg(path), "train")
     assert np.array_equal(train.x.numpy(), x.astype(np.float32))
     assert np.array_equal(data.load(npz_cfg(path), "train", only=[5, 1]).x.numpy(), x[[1, 5]].astype(np.float32))
@@ -395,7 +395,7 @@ def test_images_to_npz_example(tmp_path):
     cfg = npz_cfg(out)
     data.prepare(cfg)
     assert data.describe(cfg) == ((3, 5, 4), 3)
-    assert isinstance(data.npz_arrays(str(out))[1]["x_train"], np.memmap)  # written uncompressed
+    assert isinstance(sources.npz_arrays(str(out))[1]["x_train"], np.memmap)  # written uncompressed
     for kind in ("train", "test"):
         split = data.load(cfg, kind)
         x = np.stack([a for a, _ in want[kind]]).astype(np.float32) / np.float32(255)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, mpijobs, private_tmpdir, sets
-from mpi_sfl import data
+from mpi_sfl import sources
 
 pytestmark = pytest.mark.mpi  # every test here launches jobs (conftest: the quick tier)
 
@@ -25,9 +25,9 @@ def jobs(tmp: Path) -> dict[str, tuple[int, dict, list[str]]]:
     tmp/name (made here) for the files it reads."""
     for name in ("missing", "corrupt", "bad_config"):
         (tmp / name).mkdir(parents=True, exist_ok=True)
-    src = data.locate_fashion_mnist("")
-    for name in data.FILES:
-        shutil.copy(data._find_file(src, name), tmp / "corrupt")
+    src = sources.locate_fashion_mnist("")
+    for name in sources.FILES:
+        shutil.copy(sources._find_file(src, name), tmp / "corrupt")
     victim = tmp / "corrupt" / "train-images-idx3-ubyte.gz"
     victim.write_bytes(victim.read_bytes()[:100000])
     (tmp / "bad_config" / "bad.toml").write_bytes(bytes(range(256)))

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from mpi_sfl.split_server import GROUP_ROWS, SplitServer
+from mpi_sfl.serving import GROUP_ROWS, batch_groups
 
 
 def groups(mode: str, rank_of: dict[int, int], sizes: dict[int, int]) -> list[list[int]]:
     server = SimpleNamespace(cfg=SimpleNamespace(sfl=SimpleNamespace(batch_clients=mode)), rank_of=rank_of)
     plan = SimpleNamespace(batch_len=lambda c, step: sizes[c])
-    return SplitServer.batch_groups(server, plan, 0, list(sizes))
+    return batch_groups(server, plan, 0, list(sizes))
 
 
 def test_groups_follow_the_ranks_and_stop_at_group_rows():
@@ -32,7 +32,7 @@ def test_what_is_batched():
     """Exact only without running buffers (resnet18's BatchNorm: never); dropout (cnn) is batched
     when asked for ("rank", "step"), and "auto" leaves it one batch at a time; only sync batches."""
     from mpi_sfl import models
-    from mpi_sfl.split_server import batches_clients
+    from mpi_sfl.serving import batches_clients
     bodies = {name: models.build(name, 0, input_shape=(3, 32, 32) if name == "resnet18" else (1, 28, 28)).body
               for name in ("mlp", "cnn", "resnet18")}
 
