@@ -150,7 +150,7 @@ def test_client_optimizer_and_wire_dtype_are_checked():
 
 
 def test_the_readme_lists_every_config_key_with_its_default():
-    """The configuration reference (README.md's key table) names exactly the keys config.py
+    """The configuration reference (docs/running.md's key table) names exactly the keys config.py
     accepts, each with its default as TOML writes it, so the two cannot drift apart."""
     import re
     from pathlib import Path
@@ -158,7 +158,7 @@ def test_the_readme_lists_every_config_key_with_its_default():
     from mpi_sfl.config import _toml_value, defaults
 
     accepted = {f"{s}.{k}": _toml_value(v) for s, table in defaults().items() for k, v in table.items()}
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).parent.parent / "docs" / "running.md").read_text()
     listed = dict(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `([^`]*)` \|", text, re.M))
     assert sorted(accepted) == sorted(listed), (sorted(set(accepted) - set(listed)), sorted(set(listed) - set(accepted)))
     assert {k: listed[k] for k in accepted} == accepted
