@@ -149,8 +149,8 @@ def test_client_optimizer_and_wire_dtype_are_checked():
         config.load(overrides=['sfl.variant="sl"', 'train.client_optimizer="reset"'])
 
 
-def test_the_readme_lists_every_config_key_with_its_default():
-    """The configuration reference (docs/running.md's key table) names exactly the keys config.py
+def test_the_configuration_reference_lists_every_key_with_its_default():
+    """The configuration reference (the key table in docs/running.md) names exactly the keys config.py
     accepts, each with its default as TOML writes it, so the two cannot drift apart."""
     import re
     from pathlib import Path
