@@ -3,8 +3,8 @@
 ("off"), all against `mpi-sfl baseline`.
 
 For each job (lenet5, whose server part has neither dropout nor BatchNorm): label-sharing and
-U-shaped with 2 client ranks of one logical client each, batch 64 (issue 10's lenet5 target), and
-U-shaped with 8 logical clients of batch 16 on the 2 client ranks. The three modes of a
+U-shaped with 2 client ranks of one logical client each, batch 64 (the lenet5 label-sharing speed
+target), and U-shaped with 8 logical clients of batch 16 on the 2 client ranks. The three modes of a
 repeat and the baselines run one after another, rotated between repeats; samples/s is each run's
 training samples per training second (summary.json), median over repeats. The baseline is the
 faster of its all-cores and 1-thread runs (as the throughput suite).
