@@ -17,10 +17,11 @@ from . import checkpoint, startup
 from .config import Config
 from .control import Control
 from .data import RoundPlan
+from .doorbell import Doorbells
 from .layout import CLIENT, FED, SERVER, Layout
 from .models import Spec
 from .timing import CPU_KINDS, PHASES, Timers
-from .transport import Transport, polite_wait
+from .transport import Transport, polite_wait, polling
 
 # One rank's round-end row, gathered at rank 0 (named fields over a float64 buffer).
 STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),
@@ -60,6 +61,7 @@ class Job:
         self.transport = Transport(self.comm, self.device, self.timers, self.cfg.sfl.wire_dtype)
         self.control = Control(self.comm)
         role = self.layout.role(self.rank)
+        self.transport.bells = Doorbells(self.comm, listen=polling() and role != FED)
         self.fed_comm = _split(self.comm, role in (FED, CLIENT))
         self.clients_comm = _split(self.comm, role == CLIENT)
         self.servers_comm = _split(self.comm, role == SERVER)
