@@ -68,13 +68,22 @@ class Doorbells:
             except OSError:  # full: it is ringing already; gone: nobody left to wake
                 pass
 
-    def sleep(self, timeout_s: float) -> None:
-        """Sleep until a peer rings (or `timeout_s`), and silence the bell."""
-        if self._poller.poll(timeout_s * 1e3):
-            try:
-                os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                pass
+    def sleep(self, timeout_s: float) -> bool:
+        """Sleep until a peer rings (or `timeout_s`), and silence the bell; whether it rang."""
+        if not self._poller.poll(timeout_s * 1e3):
+            return False
+        try:
+            os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            pass
+        return True
+
+    def close(self) -> None:
+        """Close this rank's ends (a warm launch runs many jobs in one process)."""
+        for fd in [self.fd, *self.out.values()]:
+            if fd is not None:
+                os.close(fd)
+        self.fd, self.out, self._poller = None, {}, None
 
 
 def _remove(path: str) -> None:

@@ -134,6 +134,7 @@ def _run(cfg_path: str | None, overrides: list[str], comm: MPI.Comm, start: str,
     startup.mark("announce")
     code = run(job, worker)
     polite_wait(comm.Ibarrier(), who="every rank to finish", collective=True)  # nobody exits before rank 0 has written the results
+    job.transport.bells.close()
     if code:
         MPI.Finalize()
         sys.exit(code)

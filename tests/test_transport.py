@@ -14,6 +14,25 @@ def test_round_trip_dtypes_shapes_and_transposed_views():
     assert "OK 10" in proc.stdout
 
 
+@pytest.mark.mpi
+def test_a_rank_asleep_on_its_doorbell_is_woken_by_each_message_not_by_its_timeout():
+    """Polling ranks sleep on a doorbell that the sender rings after posting a message (doorbell.py).
+    A token goes round 3 ranks with payloads inline, at the inline limit, after the header and large
+    (MPI takes those over two tests); each rank waits asleep. No wait may end by its timeout (5 s):
+    that would be a ring missed, or a message MPI had not finished taking when the rank went back
+    to sleep (without the re-tests after a ring, rank 0 timed out 9 times of 20). Control: with
+    nobody ringing the waits do end by timeouts (50 ms there), and every message still arrives."""
+    import ast
+
+    proc = ok(mpiscript(3, Path(__file__).with_name("mpi_doorbell_check.py")))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("OK"))
+    rung = ast.literal_eval(line.split("rung=")[1].split(" silent=")[0])
+    silent = ast.literal_eval(line.split("silent=")[1])
+    assert all(c["timeout"] == 0 for c in rung), rung
+    assert all(c["ring"] >= 1 for c in rung[1:]), rung  # ranks 1, 2 waited ~3 ms for rank 0: asleep
+    assert all(c["ring"] == 0 and c["timeout"] >= 1 for c in silent[1:]), silent
+
+
 def test_polling_ranks_sleep_with_fine_timer_slack():
     """run.wait = poll: short sleeps end within 1 us of their time (Linux timer slack) instead of
     the default 50 us late; ranks that block in MPI keep the slack they had. "auto" polls where the
