@@ -5,15 +5,13 @@ The header says what the payload is (kind, round, step, logical client, dtype, s
 receiver can take whichever peer is ready. A payload of up to INLINE_BYTES travels in the header's
 own message (the receiver posts header receives of that size and gets the payload as a view of the
 buffer it arrived in); a larger one follows its header as a second message, received into a reused
-buffer of its shape. Device tensors are staged through host memory because
-the PyPI MPI wheels are not CUDA-aware.
+buffer of its shape. Device tensors are staged through host memory (the PyPI MPI wheels are not
+CUDA-aware).
 
-Waits for a peer (a header, a send to complete) spin when every rank of the node has a core of its own,
-and otherwise (and always on the fed server) poll with a short sleep: MPICH and Open MPI spin a full core in a blocking call, and
-with more ranks than cores spinning ranks steal the CPU the working ranks need (run.wait). The fed
-server counts: it takes part in every step's stop agreement, and ranks that spin on every core leave
-it none, which delayed every step (-n 3 on 2 cores ran 2.4x slower spinning than polling).
-A payload is received with a plain blocking Recv: it is already on its way behind its header.
+Waits for a peer spin when every rank of the node, the fed server included, has a core of its own,
+and otherwise poll (run.wait): MPICH and Open MPI spin a full core in a blocking call, stealing it
+from the working ranks. A polling rank waiting for messages sleeps on its doorbell (doorbell.py)
+until the sender rings; other waits (a send to complete, a collective) test and sleep briefly.
 """
 from __future__ import annotations
 
@@ -133,13 +131,12 @@ def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
 
     In poll mode, a wait for messages from peers that ring this rank's `bell` (doorbell.py) sleeps
     until one rings: one wake-up per message. MPI takes a message over more than one test (MPICH:
-    a message beyond one shared-memory cell is there at the second test after its ring, measured),
-    so a wait tests twice before its first sleep and up to four times after a ring; the sleep's
-    timeout (BELL_NAPS: 1 ms doubling to 8 ms) only bounds a ring that never came. Any other wait tests and sleeps 40 us doubling to 200 us (with 1 us timer slack, fine_sleeps): a
-    woken rank sees its message within about 0.2 ms, and a waiting rank uses a few percent of a core
-    instead of all of it. Each sleep costs about 25 us of CPU whatever its length (measured on a 2-core
-    VM), and one shorter than 40 us took about 40 us anyway, so shorter first sleeps only cost CPU. In spin
-    mode it tests without sleeping (a blocking MPI wait could not be bounded). Past run.timeout_s
+    one beyond a shared-memory cell is there at the second test after its ring, measured), so a wait
+    tests twice before its first sleep and up to four times after a ring; the sleep's timeout
+    (BELL_NAPS) only bounds a ring that never came. Any other wait tests and sleeps 40 us doubling to
+    200 us (1 us timer slack, fine_sleeps): each sleep costs about 25 us of CPU whatever its length
+    on a 2-core VM, and a shorter one lasted 40 us anyway. In spin mode it tests without sleeping (a
+    blocking MPI wait could not be bounded). Past run.timeout_s
     it raises PeerTimeout naming `who` (a string, or a function that makes one), after
     `patience` x run.timeout_s. A collective waits twice as long, and a client waiting on its split
     server 1.5x (Transport.patience): the split server, which waits on the clients themselves,
