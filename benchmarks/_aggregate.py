@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 from mpi_sfl.aggregation import Aggregator
 from mpi_sfl.timing import Timers
-from mpi_sfl.transport import polite_wait
+from mpi_sfl.waiting import polite_wait
 
 VARIANTS = ("flat", "flat_blocking", "per_tensor", "per_tensor_blocking", "pickle")
 

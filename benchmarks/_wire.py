@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_sfl import transport as tr
+from mpi_sfl import waiting as tr
 from mpi_sfl.transport import ACT, OUT, Transport
 
 VARIANTS = ("transport", "transport_poll", "raw", "pickle")

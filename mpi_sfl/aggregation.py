@@ -29,7 +29,7 @@ from torch import nn
 from . import models
 from .errors import UserError
 from .timing import Timers
-from .transport import polite_wait
+from .waiting import polite_wait
 
 WHO = "every client rank to join the client-side averaging"
 BUCKET = 2**21  # float32 elements per collective (8 MiB)

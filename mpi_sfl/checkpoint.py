@@ -57,7 +57,7 @@ def save(comm, out_dir: str, state: dict, meta: dict, agree) -> str | None:
     """Collective: every rank's `state`, and `meta` from rank 0. Returns None, or this rank's error
     (or that another rank failed), after removing the incomplete checkpoint; the previous one is
     untouched. `agree(flag)` is the max of an int over the ranks, bounded by run.timeout_s."""
-    from .transport import polite_wait
+    from .waiting import polite_wait
 
     out = Path(out_dir)
     tmp = out / TMP

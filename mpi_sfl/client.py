@@ -34,7 +34,8 @@ from .job import RELAY_TAG, WEIGHTS_TAG, Job
 from .layout import CLIENT
 from .models import Part
 from .eager import SGD
-from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe, polite_wait
+from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe
+from .waiting import polite_wait
 
 
 @dataclass

@@ -21,7 +21,7 @@ import signal
 import numpy as np
 from mpi4py import MPI
 
-from .transport import polite_wait
+from .waiting import polite_wait
 
 EXIT_STOPPED = 3   # stopped on a signal; a checkpoint was written; rerun with --resume
 EXIT_FAILED = 4    # a problem found mid-run (non-finite training, disk full); last good outputs kept

@@ -1,6 +1,6 @@
 """Doorbells: a polling rank sleeps until a peer on its node says that a message is there.
 
-With more ranks than cores a rank that waits for a message polls (transport.polite_wait): it tests,
+With more ranks than cores a rank that waits for a message polls (waiting.polite_wait): it tests,
 sleeps, tests again. Each wake-up costs about 25 us of CPU on a shared core, so an mlp step's dozen
 short waits cost 6-9 % of a core per rank, and a longer sleep would answer later. A doorbell removes
 the guessing for messages between ranks of one node: each polling rank owns a FIFO (a named pipe in

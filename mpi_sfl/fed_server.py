@@ -22,7 +22,8 @@ from .aggregation import Aggregator, flatten_params
 from .job import WEIGHTS_TAG, Job
 from .layout import FED, ROLE_NAMES
 from .outputs import RunWriter, cpu_per_sample, evaluate, role_rows
-from .transport import describe, polite_wait
+from .transport import describe
+from .waiting import polite_wait
 
 
 class FedServer:

@@ -21,7 +21,8 @@ from .doorbell import Doorbells
 from .layout import CLIENT, FED, SERVER, Layout
 from .models import Spec
 from .timing import CPU_KINDS, PHASES, Timers
-from .transport import Transport, polite_wait, polling
+from .transport import Transport
+from .waiting import polite_wait, polling
 
 # One rank's round-end row, gathered at rank 0 (named fields over a float64 buffer).
 STATS = np.dtype([("role", np.float64), ("loss_sum", np.float64), ("samples", np.float64), ("skipped", np.float64),

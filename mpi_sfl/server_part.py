@@ -15,7 +15,7 @@ from . import models, slots
 from .aggregation import Aggregator, attach_flat_grads, flatten_params, host, param_count
 from .eager import SGD
 from .job import Job
-from .transport import polite_wait
+from .waiting import polite_wait
 
 
 @dataclass

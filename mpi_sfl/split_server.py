@@ -33,7 +33,8 @@ from .layout import SERVER
 from .serving import batches_clients
 from .server_part import ServerPart, ServerParts
 from .state import make_state
-from .transport import describe, polite_wait
+from .transport import describe
+from .waiting import polite_wait
 
 
 class SplitServer:

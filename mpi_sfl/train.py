@@ -31,7 +31,8 @@ from .aggregation import check_robust
 from .outdir import atomic_write, strict_json
 from .outputs import partition_report, space_needed
 from .state import make_scratch
-from .transport import PeerGone, PeerTimeout, describe, polite_wait, set_describer, set_wait_mode
+from .transport import describe, set_describer
+from .waiting import PeerGone, PeerTimeout, polite_wait, set_wait_mode
 
 ROLES = {FED: fed_server.FedServer, SERVER: split_server.SplitServer, CLIENT: client.ClientRank}
 

@@ -12,12 +12,12 @@ import time
 import torch
 from mpi4py import MPI
 
-from mpi_sfl import transport
+from mpi_sfl import waiting
 from mpi_sfl.doorbell import Doorbells
 from mpi_sfl.transport import ACT, INLINE_BYTES, Transport
 
 comm = MPI.COMM_WORLD
-transport.set_wait_mode("poll", comm.size, 1)
+waiting.set_wait_mode("poll", comm.size, 1)
 t = Transport(comm, torch.device("cpu"))
 t.bells = Doorbells(comm, listen=True)
 assert t.bell_for([(comm.rank - 1) % comm.size]) is t.bells, "no bell: the FIFO could not be made"
@@ -52,11 +52,11 @@ def laps(n: int) -> None:
             t.wait_sends()
 
 
-transport.BELL_NAPS = (5.0, 5.0)
+waiting.BELL_NAPS = (5.0, 5.0)
 laps(5)
 rung = dict(woke)
 comm.Barrier()
-transport.BELL_NAPS = (0.05, 0.05)
+waiting.BELL_NAPS = (0.05, 0.05)
 for fd in t.bells.out.values():  # the control: nobody rings
     os.close(fd)
 t.bells.out = {}

@@ -45,12 +45,12 @@ def test_polling_ranks_sleep_with_fine_timer_slack():
     # One interpreter (one torch import), and for each case a fork of it that has not set its slack yet.
     code = """if True:
         import os
-        from mpi_sfl import transport
+        from mpi_sfl import waiting
         for mode, ranks in (("poll", 1), ("auto", 3), ("spin", 3), ("auto", 2)):
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:
-                transport.set_wait_mode(mode, ranks, 2)
+                waiting.set_wait_mode(mode, ranks, 2)
                 os.write(w, open("/proc/self/timerslack_ns").read().strip().encode())
                 os._exit(0)
             os.waitpid(pid, 0)
