@@ -203,7 +203,7 @@ class Transport:
     # -- receiving ---------------------------------------------------------------------------
     def bell_for(self, sources) -> Doorbells | None:
         """The bell a wait for messages from `sources` may sleep on: every one of them rings it."""
-        return self.bells if self.bells and MPI.ANY_SOURCE not in sources and self.bells.covers(sources) else None
+        return self.bells if self.bells and self.bells.covers(sources) else None  # ANY_SOURCE rings no bell
 
     def irecv_header(self, source: int, kind: int) -> tuple[MPI.Request, np.ndarray]:
         """A receive of the next header of `kind` from `source`, with room for an inline payload

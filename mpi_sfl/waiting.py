@@ -67,9 +67,8 @@ def polite_wait(reqs: Sequence[MPI.Request] | MPI.Request, any_: bool = False,
     (BELL_NAPS) only bounds a ring that never came. Any other wait tests and sleeps 40 us doubling to
     200 us (1 us timer slack, fine_sleeps): each sleep costs about 25 us of CPU whatever its length
     on a 2-core VM, and a shorter one lasted 40 us anyway. In spin mode it tests without sleeping (a
-    blocking MPI wait could not be bounded). Past run.timeout_s
-    it raises PeerTimeout naming `who` (a string, or a function that makes one), after
-    `patience` x run.timeout_s. A collective waits twice as long, and a client waiting on its split
+    blocking MPI wait could not be bounded). Past run.timeout_s it raises PeerTimeout naming `who`
+    (a string, or a function that makes one), after `patience` x run.timeout_s. A collective waits twice as long, and a client waiting on its split
     server 1.5x (Transport.patience): the split server, which waits on the clients themselves,
     then times out first and names the client that stopped answering.
     """
