@@ -5,10 +5,12 @@
 - transport: mpi_sfl's Transport as training uses it: isend(header + payload) + wait_sends on the
   sender, recv (header, then the payload into a pooled buffer) on the receiver, with the wait mode
   training picks for this layout (run.wait = auto: block in MPI when each rank has a core);
-- transport_poll: the same with run.wait = poll (what training uses when ranks outnumber cores);
+- transport_poll: the same with run.wait = poll and no doorbells (each wait tests and sleeps);
+- transport_bell: run.wait = poll with doorbells, what training uses when ranks outnumber cores
+  (a wait for a message sleeps until its sender rings; a wait for a send to complete polls);
 - raw:       mpi4py uppercase Send/Recv of the same bytes from a numpy buffer (no header);
 - pickle:    mpi4py lowercase send/recv of the same torch tensor (pickled, FedML style).
-For every size and repetition the three variants run back to back in a rotating order; each
+For every size and repetition the variants run back to back in a rotating order; each
 measurement is `iters` round trips (per variant, sized to ~`target` seconds) timed on rank 0
 after an untimed round trip. Rank 0 writes the
 per-repetition round-trip seconds; the wire suite (benchmarks/wire.py) takes medians.
@@ -26,9 +28,10 @@ import torch
 from mpi4py import MPI
 
 from mpi_sfl import waiting as tr
+from mpi_sfl.doorbell import Doorbells
 from mpi_sfl.transport import ACT, OUT, Transport
 
-VARIANTS = ("transport", "transport_poll", "raw", "pickle")
+VARIANTS = ("transport", "transport_poll", "transport_bell", "raw", "pickle")
 
 
 def main() -> None:
@@ -45,6 +48,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, peer = comm.rank, 1 - comm.rank
     t = Transport(comm, torch.device("cpu"))
+    bells = Doorbells(comm, listen=True)
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
         n = size // 4
@@ -54,8 +58,7 @@ def main() -> None:
 
         node_ranks, cores = comm.Split_type(MPI.COMM_TYPE_SHARED).size, len(os.sched_getaffinity(0))
 
-        def transport_rt(poll: bool | None = None):
-            tr.set_wait_mode("poll" if poll else "auto", node_ranks, cores)
+        def transport_rt():
             if rank == 0:
                 t.isend(x, peer, ACT, 0, 0, 0)
                 t.wait_sends()
@@ -81,13 +84,21 @@ def main() -> None:
                 y = comm.recv(source=peer, tag=9)
                 comm.send(y, peer, tag=10)
 
-        fns = {"transport": transport_rt, "transport_poll": lambda: transport_rt(poll=True),
+        fns = {"transport": transport_rt, "transport_poll": transport_rt, "transport_bell": transport_rt,
                "raw": raw_rt, "pickle": pickle_rt}
+        waits = {"transport_poll": ("poll", None), "transport_bell": ("poll", bells)}
+
+        def use(v: str) -> None:
+            """The variant's wait mode and doorbells (set before its round trips, not inside them)."""
+            mode, t.bells = waits.get(v, ("auto", None))
+            tr.set_wait_mode(mode, node_ranks, cores)
         # Iterations per measurement, per variant, from one timed round trip each (rank 0 decides).
-        for fn in fns.values():
+        for v, fn in fns.items():
+            use(v)
             fn()  # warm-up: pools, connections, page faults
         guess = {}
         for v, fn in fns.items():
+            use(v)
             comm.Barrier()
             t0 = MPI.Wtime()
             fn()
@@ -98,6 +109,7 @@ def main() -> None:
             k = rep % len(VARIANTS)
             order = VARIANTS[k:] + VARIANTS[:k]
             for v in order:
+                use(v)
                 fns[v]()  # one untimed round trip right before, so neither side starts cold
                 comm.Barrier()
                 t0 = MPI.Wtime()
@@ -105,7 +117,7 @@ def main() -> None:
                     fns[v]()
                 samples[v].append((MPI.Wtime() - t0) / iters[v])
         # Correctness: the transport round trip returns the same bytes.
-        tr.set_wait_mode("auto", node_ranks, cores)
+        use("transport")
         if rank == 0:
             t.isend(x, peer, ACT, 0, 0, 0)
             t.wait_sends()
@@ -116,6 +128,7 @@ def main() -> None:
             t.isend(y, peer, OUT, 0, 0, 0)
             t.wait_sends()
         results.append({"bytes": size, "iters": iters, "rtt_seconds": samples})
+    bells.close()
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"results": results}, f)

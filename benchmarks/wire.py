@@ -34,12 +34,14 @@ def run(level: str, work: Path, args) -> dict:
         rows.append({
             "size": human_bytes(b), "bytes": b,
             "transport_us": med["transport"] * 1e6, "transport_poll_us": med["transport_poll"] * 1e6,
+            "transport_bell_us": med["transport_bell"] * 1e6,
             "raw_us": med["raw"] * 1e6, "pickle_us": med["pickle"] * 1e6,
             # each round trip moves the payload twice
             "transport_GBps": 2 * b / med["transport"] / 1e9, "raw_GBps": 2 * b / med["raw"] / 1e9,
             "pickle_GBps": 2 * b / med["pickle"] / 1e9,
             "transport_vs_raw": med["raw"] / med["transport"],
             "poll_vs_raw": med["raw"] / med["transport_poll"],
+            "bell_vs_transport": med["transport"] / med["transport_bell"],
             "transport_vs_pickle": med["pickle"] / med["transport"],
             "iters": r["iters"], "reps": len(r["rtt_seconds"]["raw"]),
         })
@@ -52,15 +54,18 @@ def run(level: str, work: Path, args) -> dict:
         "raw_GBps_max": max(r["raw_GBps"] for r in rows),
         "transport_latency_us": rows[0]["transport_us"] / 2,  # one way, smallest size
         "raw_latency_us": rows[0]["raw_us"] / 2,
+        "bell_latency_us": rows[0]["transport_bell_us"] / 2,
         "latency_size_bytes": rows[0]["bytes"],
     }
     notes = ["GB/s = 2 x payload / median round-trip time (1e9 bytes); ratios are ratios of medians.",
              "transport = mpi_sfl Transport.isend + wait_sends / recv (a 96-byte header message, then "
              "the payload) with the wait mode training picks here (run.wait = auto: blocking when each "
-             "rank has a core); transport_poll = the same with run.wait = poll (test + sleeps, what "
-             "training uses when ranks outnumber cores: it costs latency and large-message progress by "
-             "design); raw = blocking Send/Recv of a numpy buffer; pickle = send/recv of the torch tensor."]
-    text = table(rows, ["size", "transport_us", "transport_poll_us", "raw_us", "pickle_us", "transport_GBps",
-                        "raw_GBps", "pickle_GBps", "transport_vs_raw", "poll_vs_raw", "transport_vs_pickle"],
+             "rank has a core); transport_poll = the same with run.wait = poll and no doorbells (test + "
+             "sleeps: it costs latency and large-message progress by design); transport_bell = run.wait = poll with "
+             "doorbells, what training uses when ranks outnumber cores (a wait for a message sleeps until its "
+             "sender rings; bell_vs_transport = its speed against the spinning transport's); raw = blocking Send/Recv of a numpy buffer; pickle = send/recv of the torch tensor."]
+    text = table(rows, ["size", "transport_us", "transport_poll_us", "transport_bell_us", "raw_us", "pickle_us", "transport_GBps",
+                        "raw_GBps", "pickle_GBps", "transport_vs_raw", "poll_vs_raw", "bell_vs_transport",
+                        "transport_vs_pickle"],
                  "wire: ping-pong, 2 ranks, medians")
     return {"settings": s, "results": rows, "summary": summary, "notes": notes, "text": text}
