@@ -33,6 +33,7 @@ from .control import nonfinite_message
 from .job import RELAY_TAG, WEIGHTS_TAG, Job
 from .layout import CLIENT
 from .models import Part
+from .serving import batches_clients, cut_groups
 from .eager import SGD
 from .transport import ACT, DELTA, GRAD_IN, LABELS, OUT, Inbox, describe
 from .waiting import polite_wait
@@ -107,6 +108,7 @@ class ClientRank:
         self.buf = torch.zeros_like(first.flat)
         # Simulated attackers (train.attackers) corrupt their update: the change since the last average.
         self.attackers = set(attackers(cfg)) & set(self.mine)
+        self.batched = batches_clients(cfg, m.body)  # the split server runs this rank's batches in groups
         self.noisy = bool(cfg.sfl.noise_std or cfg.sfl.clip_norm)  # what crosses the cut is clipped / noised
         self.last_average = first.flat[:-1].clone()  # every logical client's weights after an averaging
         self.relay_bytes = 0
@@ -169,6 +171,10 @@ class ClientRank:
         every message, flagged `dropped`, so both sides count the same messages."""
         job, t, rnd, server, n = self.job, self.job.transport, plan.rnd, self.server, len(active)
         inbox = Inbox(t, {(server, GRAD_IN): n if self.cfg.grad_input else 0, (server, OUT): n if self.cfg.u_shape else 0})
+        # The server's doorbell rings once per burst it takes together: a batched group's h (cut as
+        # the server cuts them, serving.batch_groups), else each h; label-sharing: with the labels.
+        last = ({g[-1] for g in cut_groups(plan, step, [c.cid for c in active])} if self.batched
+                else {c.cid for c in active})
         for c in active:
             with job.timers.phase("client_compute"):
                 x, y = self.batch(plan, c.cid, step)
@@ -178,9 +184,9 @@ class ClientRank:
                         h = models.cut_noise(h, self.cfg.sfl.noise_std, self.cfg.sfl.clip_norm, self.cfg.run.seed,
                                              rnd, step, c.cid)
                 c.batch = {"h": h, "y": y}
-            t.isend(h, server, ACT, rnd, step, c.cid)
+            t.isend(h, server, ACT, rnd, step, c.cid, ring=self.cfg.u_shape and c.cid in last)
             if not self.cfg.u_shape:
-                t.isend(y, server, LABELS, rnd, step, c.cid)
+                t.isend(y, server, LABELS, rnd, step, c.cid, ring=c.cid in last)
             while (msg := inbox.ready()) is not None:
                 self.take(plan, step, *msg)
         while inbox:
@@ -207,12 +213,13 @@ class ClientRank:
             loss = F.cross_entropy(self.forward(Part.HEAD, c.model.head, z, rnd, step, c.cid), c.batch["y"])
             if not torch.isfinite(loss) and self.nonfinite(c, rnd, step, "loss"):
                 c.batch["dropped"] = True
-                t.isend(torch.zeros_like(z), server, DELTA, rnd, step, c.cid, dropped=True)
+                t.isend(torch.zeros_like(z), server, DELTA, rnd, step, c.cid, dropped=True, ring=not self.batched)
                 return
             loss.backward()
             self.loss_sum += loss.item() * len(c.batch["y"])
             self.samples += len(c.batch["y"])
-        t.isend(z.grad, server, DELTA, rnd, step, c.cid)
+        # batched: the server takes the group's deltas together; the ring waits for this rank's next wait
+        t.isend(z.grad, server, DELTA, rnd, step, c.cid, ring=not self.batched)
 
     def local_step(self, active: list[LogicalClient], plan: data.RoundPlan, step: int) -> None:
         """fl: each logical client runs the whole model on its batch and steps."""

@@ -6,7 +6,9 @@ short waits cost 6-9 % of a core per rank, and a longer sleep would answer later
 the guessing for messages between ranks of one node: each polling rank owns a FIFO (a named pipe in
 a private temporary directory, unlinked as soon as its peers have it open); a sender writes one byte
 to the pipe of the peer it just posted a message to, and a rank that waits only on ringing peers
-blocks in poll() on its own pipe: one wake-up when a message comes. The wait's timeout bounds what
+blocks in poll() on its own pipe: one wake-up when a message comes. A sender may defer a ring to the
+end of a burst of messages the receiver takes together (one wake-up for the burst); it rings what
+it owes before it waits for anything itself. The wait's timeout bounds what
 a bell could miss (a message MPI queued on the sender's side); a full pipe is already ringing.
 
 Set up collectively (every rank of the communicator), at start-up only. Ranks on other nodes, a
@@ -27,6 +29,7 @@ class Doorbells:
     def __init__(self, comm: MPI.Comm, listen: bool):
         self.fd: int | None = None
         self.out: dict[int, int] = {}       # peer rank -> write end of its pipe
+        self.owed: set[int] = set()         # peers whose ring was deferred (ring(later=True))
         path = None
         if listen:
             try:
@@ -59,14 +62,26 @@ class Doorbells:
         """Whether every rank in `sources` rings this rank's bell (a wait on them may sleep on it)."""
         return self._poller is not None and all(s in self.ringers for s in sources)
 
-    def ring(self, dest: int) -> None:
-        """Tell `dest` that a message to it was posted (after the MPI send call)."""
+    def ring(self, dest: int, later: bool = False) -> None:
+        """Tell `dest` that a message to it was posted (after the MPI send call). `later`: at this
+        rank's next ring_owed() instead, so that a burst of messages wakes its receiver once."""
         fd = self.out.get(dest)
-        if fd is not None:
-            try:
-                os.write(fd, b"\1")
-            except OSError:  # full: it is ringing already; gone: nobody left to wake
-                pass
+        if fd is None:
+            return
+        if later:
+            self.owed.add(dest)
+            return
+        self.owed.discard(dest)
+        try:
+            os.write(fd, b"\1")
+        except OSError:  # full: it is ringing already; gone: nobody left to wake
+            pass
+
+    def ring_owed(self) -> None:
+        """Ring every bell deferred with ring(later=True): before this rank waits for anything, and
+        at the end of a burst."""
+        while self.owed:
+            self.ring(self.owed.pop())
 
     def sleep(self, timeout_s: float) -> bool:
         """Sleep until a peer rings (or `timeout_s`), and silence the bell; whether it rang."""

@@ -131,16 +131,20 @@ def batch_groups(server, plan: data.RoundPlan, step: int, active: list[int]) -> 
     by_rank: dict[int, list[int]] = {}
     for c in active:
         by_rank.setdefault(0 if server.cfg.sfl.batch_clients == "step" else server.rank_of[c], []).append(c)
-    groups = []
-    for members in by_rank.values():
-        rows = GROUP_ROWS  # start a new group at the first member
-        for c in members:
-            n = plan.batch_len(c, step)
-            if rows + n > GROUP_ROWS:
-                groups.append([])
-                rows = 0
-            groups[-1].append(c)
-            rows += n
+    return [g for members in by_rank.values() for g in cut_groups(plan, step, members)]
+
+
+def cut_groups(plan: data.RoundPlan, step: int, members: list[int]) -> list[list[int]]:
+    """`members` in order, cut into groups of at most GROUP_ROWS samples (a larger batch alone)."""
+    groups: list[list[int]] = []
+    rows = GROUP_ROWS  # start a new group at the first member
+    for c in members:
+        n = plan.batch_len(c, step)
+        if rows + n > GROUP_ROWS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(c)
+        rows += n
     return groups
 
 
@@ -152,8 +156,9 @@ def forward_group(server, plan: data.RoundPlan, step: int, g: int, members: list
         z = server.state.forward((plan.rnd, step, -1 - g), server.parts.main.module, torch.cat(h),
                                  group_seeds(server, plan, step, members, sizes))
     server.passes += 1
-    for c, rows in zip(members, z.split(sizes)):
-        server.job.transport.isend(rows, server.rank_of[c], OUT, plan.rnd, step, c)
+    for c, rows in zip(members, z.split(sizes)):  # one doorbell per client rank for the lot
+        server.job.transport.isend(rows, server.rank_of[c], OUT, plan.rnd, step, c, ring=False)
+    server.job.transport.ring_owed()
     return sizes
 
 
@@ -188,7 +193,8 @@ def backward_group(server, plan: data.RoundPlan, step: int, g: int, members: lis
         dl_dh = dict(zip(kept, grad_h.split([sizes[i] for i in kept]))) if kept else {}
         for i, c in enumerate(members):
             t.isend(dl_dh[i] / sizes[i] if i in dl_dh else torch.zeros(0), server.rank_of[c], GRAD_IN,
-                    plan.rnd, step, c, dropped=i not in dl_dh)
+                    plan.rnd, step, c, dropped=i not in dl_dh, ring=False)
+        t.ring_owed()
         t.limit_backlog()  # see backward()
     else:
         server.skipped += len(members) - len(kept)

@@ -117,8 +117,10 @@ class Transport:
 
     # -- sending -----------------------------------------------------------------------------
     def isend(self, tensor: torch.Tensor, dest: int, kind: int, rnd: int, step: int, client: int,
-              dropped: bool = False) -> None:
-        """Start sending `tensor`; it is kept alive until the send completes. Do not modify it."""
+              dropped: bool = False, ring: bool = True) -> None:
+        """Start sending `tensor`; it is kept alive until the send completes. Do not modify it.
+        `ring=False`: the receiver's doorbell rings at this rank's next wait or ring_owed(), for a
+        burst the receiver takes together (it wakes once)."""
         self.reap()
         t = tensor.detach().contiguous()
         shape = tuple(t.shape)
@@ -138,11 +140,17 @@ class Transport:
             reqs = [self.comm.Isend(raw, dest, tag=2 * kind), self.comm.Isend(payload, dest, tag=2 * kind + 1)]
             held = (raw, payload)
         if self.bells:
-            self.bells.ring(dest)
+            self.bells.ring(dest, later=not ring)
         self.bytes_sent += HEADER_BYTES + payload.nbytes
         self._sending.append((reqs, dest, held, payload.nbytes))
         self._held_bytes += payload.nbytes
         self.peak_held = max(self.peak_held, self._held_bytes)
+
+    def ring_owed(self) -> None:
+        """Ring the doorbells isend(ring=False) deferred. Every wait of this transport does it first:
+        a rank never sleeps while a peer sleeps for want of its ring."""
+        if self.bells and self.bells.owed:
+            self.bells.ring_owed()
 
     def reap(self) -> None:
         """Release the buffers of sends that have completed, so that what a rank holds for its sends
@@ -173,6 +181,7 @@ class Transport:
             return len(self._sending) > 1 and self._held_bytes - self._sending[-1][3] > limit
         if not over():
             return
+        self.ring_owed()
         with self.timers.phase("p2p_wait"):
             while over():
                 reqs, dest, _, nbytes = self._sending[0]
@@ -191,6 +200,7 @@ class Transport:
 
     def wait_sends(self) -> None:
         """Complete every outstanding send and release its buffers."""
+        self.ring_owed()
         if self._sending:
             with self.timers.phase("p2p_wait"):
                 polite_wait([r for reqs, _, _, _ in self._sending for r in reqs],
@@ -228,6 +238,7 @@ class Transport:
             buf = self._pool.get(key)
             if buf is None:
                 buf = self._pool[key] = torch.empty(shape, dtype=header.dtype, pin_memory=self.device.type == "cuda")
+            self.ring_owed()
             with self.timers.phase("p2p_wait"):
                 polite_wait(self.comm.Irecv(as_buffer(buf), source, tag=2 * header.kind + 1),
                             who=lambda: describe(source), patience=self.patience)
@@ -246,6 +257,7 @@ class Transport:
         return header, self.recv_payload(header, status.Get_source())
 
     def wait(self, req: MPI.Request, status: MPI.Status | None = None, who="a peer", bell: Doorbells | None = None) -> None:
+        self.ring_owed()
         with self.timers.phase("p2p_wait"):
             polite_wait(req, status=status, who=who, patience=self.patience, bell=bell)
 
@@ -280,6 +292,10 @@ class Inbox:
 
     def next(self) -> tuple[int, Header]:
         """(source, header) of the next message; receive its payload with recv_payload."""
+        got = self.ready()  # one that is there already: no need to ring what this rank owes
+        if got is not None:
+            return got
+        self.t.ring_owed()
         with self.t.timers.phase("p2p_wait"):
             idx = polite_wait(self.reqs, any_=True, who=self.owing, patience=self.t.patience, bell=self.bell)
         return self._take(idx)

@@ -21,14 +21,21 @@ def test_a_rank_asleep_on_its_doorbell_is_woken_by_each_message_not_by_its_timeo
     (MPI takes those over two tests); each rank waits asleep. No wait may end by its timeout (5 s):
     that would be a ring missed, or a message MPI had not finished taking when the rank went back
     to sleep (without the re-tests after a ring, rank 0 timed out 9 times of 20). Control: with
-    nobody ringing the waits do end by timeouts (50 ms there), and every message still arrives."""
+    nobody ringing the waits do end by timeouts (50 ms there), and every message still arrives.
+    Bursts: messages sent with their rings deferred (isend ring=False) are rung once per burst by
+    the sender's next wait, before it sleeps itself."""
     import ast
 
     proc = ok(mpiscript(3, Path(__file__).with_name("mpi_doorbell_check.py")))
     line = next(x for x in proc.stdout.splitlines() if x.startswith("OK"))
     rung = ast.literal_eval(line.split("rung=")[1].split(" silent=")[0])
-    silent = ast.literal_eval(line.split("silent=")[1])
+    silent = ast.literal_eval(line.split("silent=")[1].split(" burst=")[0])
+    burst = ast.literal_eval(line.split("burst=")[1])
     assert all(c["timeout"] == 0 for c in rung), rung
+    # Bursts sent with ring=False: each rank's next wait rang its peer once per burst of 4 messages
+    # (3 bursts), and nobody slept until a timeout for want of it.
+    assert all(c["rang"] == 3 and c["timeout"] == 0 for c in burst), burst
+    assert all(c["ring"] >= 1 for c in burst[1:]), burst
     assert all(c["ring"] >= 1 for c in rung[1:]), rung  # ranks 1, 2 waited ~3 ms for rank 0: asleep
     assert all(c["ring"] == 0 and c["timeout"] >= 1 for c in silent[1:]), silent
 
