@@ -84,7 +84,7 @@ def serve_together(server, plan: data.RoundPlan, step: int, active: list[int]) -
         while order and order[0] in waiting:
             c = order.pop(0)
             backward(server, plan, step, c, waiting.pop(c))
-    t.wait_sends()
+    t.reap()  # the step's last replies complete while the next step starts (SplitServer.settle waits for them)
 
 
 def serve_batched(server, plan: data.RoundPlan, step: int, groups: list[list[int]]) -> None:
@@ -119,7 +119,7 @@ def serve_batched(server, plan: data.RoundPlan, step: int, groups: list[list[int
             members = groups[done]
             backward_group(server, plan, step, done, members, [back.pop(m) for m in members], sizes.pop(done, None))
             done += 1
-    t.wait_sends()
+    t.reap()  # as serve_together
 
 
 def batch_groups(server, plan: data.RoundPlan, step: int, active: list[int]) -> list[list[int]]:

@@ -129,7 +129,9 @@ class SplitServer:
         self.passes = r["passes"]
 
     def settle(self) -> None:
-        """Nothing in flight between steps (the fed server's evaluation is)."""
+        """Before a checkpoint or the end: the last step's replies complete (a step of sync or v1
+        does not wait for its own at its end: the clients take them while the next one starts)."""
+        self.job.transport.wait_sends()
 
     def finish(self) -> None:
         """Only the fed server writes the run's summary."""
