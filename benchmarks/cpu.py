@@ -6,10 +6,13 @@ baseline` with all cores and with one thread, run one after another (the order r
 model). Every run's own CPU accounting (timing.py: user + system seconds, metrics.jsonl
 `cpu_seconds`, summary.json `cpu_seconds_per_sample`) gives the figures: CPU per sample against the
 one-thread baseline's, samples/s against the all-core baseline's, and SFL's CPU per sample by role
-and kind (compute, scratch_io, other, waiting, aggregation, eval).
+and kind (compute, scratch_io, other, waiting, aggregation, eval), and each role's waiting as a share
+of its ranks' wall time (the target: at most 5 % when ranks outnumber cores).
 """
 from __future__ import annotations
 
+import csv
+from collections import Counter
 from pathlib import Path
 
 from benchmarks import common
@@ -36,9 +39,19 @@ def per_sample_us(metrics: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def waiting_pct(metrics: list[dict], out_dir: Path) -> dict[str, float]:
+    """Each role's waiting CPU as a percentage of its ranks' training time (the rounds' `seconds`
+    times the role's ranks in ranks.tsv): what waiting costs one rank of that role."""
+    with open(out_dir / "ranks.tsv") as f:
+        ranks = Counter(row["role"] for row in csv.DictReader(f, delimiter="\t"))
+    wall = sum(r["seconds"] for r in metrics)
+    return {role: 100 * sum(r["cpu_seconds"][role]["waiting"] for r in metrics) / (wall * ranks[role])
+            for role in metrics[0]["cpu_seconds"]}
+
+
 def run(level: str, work: Path, args) -> dict:
     s = LEVELS[level]
-    rows, parts, summary = [], [], {}
+    rows, parts, waits, summary = [], [], [], {}
     for i, model in enumerate(s["models"]):
         cfg = {**SYNTH, "model.name": model, "data.train_samples": s["train_samples"], "train.rounds": s["rounds"],
                "train.batch_size": 32, "train.clients": 4}
@@ -61,6 +74,10 @@ def run(level: str, work: Path, args) -> dict:
             if name.startswith("sfl"):
                 for role, kinds in per_sample_us(got[name]["metrics"]).items():
                     parts.append({"model": model, "state": name[4:], "role": role, **kinds})
+                shares = waiting_pct(got[name]["metrics"], work / f"cpu-{model}-{name}")
+                waits += [{"model": model, "state": name[4:], "role": role, "waiting_pct": pct}
+                          for role, pct in shares.items()]
+                summary[f"{model}_{name}_waiting_pct_max"] = max(shares.values())
                 summary[f"{model}_{name}_cpu_vs_1_thread"] = sm["cpu_seconds_per_sample"] / one
                 summary[f"{model}_{name}_vs_baseline_speed"] = sm["train_samples_per_s"] / fast
     notes = [f"-n 4 (fed server, split server, 2 client ranks) with 4 logical clients of batch 32, synthetic "
@@ -72,9 +89,13 @@ def run(level: str, work: Path, args) -> dict:
              "By kind (µs per sample, summed over a role's ranks): compute = forward, recompute, backward, "
              "optimizer; scratch_io = the file state's reads and writes; waiting = for a peer or a collective "
              "(the polling's CPU); other = the rank's Python outside those phases (message handling, "
-             "bookkeeping; on the fed server, writing the outputs)."]
+             "bookkeeping; on the fed server, writing the outputs).",
+             "waiting_pct: a role's waiting CPU over its ranks' training time (the rounds' seconds x its ranks), "
+             "in percent: what waiting for peers costs one rank of that role."]
     text = (table(rows, ["model", "run", "samples_per_s", "vs_baseline_speed", "cpu_us_per_sample", "cpu_vs_1_thread"],
                   "cpu: samples/s and CPU per sample") + "\n\n"
-            + table(parts, ["model", "state", "role", *CPU_KINDS], "cpu: SFL's CPU per sample by role and kind (µs)"))
-    return {"settings": s, "results": {"runs": rows, "breakdown": parts}, "summary": summary, "notes": notes,
+            + table(parts, ["model", "state", "role", *CPU_KINDS], "cpu: SFL's CPU per sample by role and kind (µs)")
+            + "\n\n" + table(waits, ["model", "state", "role", "waiting_pct"],
+                             "cpu: waiting, % of each rank's training time"))
+    return {"settings": s, "results": {"runs": rows, "breakdown": parts, "waiting": waits}, "summary": summary, "notes": notes,
             "text": text}

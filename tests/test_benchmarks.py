@@ -30,7 +30,7 @@ FIELDS = {
                  "v1_final_accuracy_iid", "v2_final_accuracy_iid", "sync_final_accuracy_iid",
                  "sl_seconds_over_sync_iid", "sync_vs_baseline_samples_per_s_iid"],
     "cpu": ["mlp_sfl_file_cpu_vs_1_thread", "mlp_sfl_graph_cpu_vs_1_thread", "mlp_sfl_file_vs_baseline_speed",
-            "mlp_sfl_graph_vs_baseline_speed"],
+            "mlp_sfl_graph_vs_baseline_speed", "mlp_sfl_file_waiting_pct_max", "mlp_sfl_graph_waiting_pct_max"],
     "startup": ["job_wall_s", "import_wall_s", "to_first_step_s", "outputs_s", "exit_s"],
     "model": ["t_client_us_per_sample", "t_server_us_per_sample_file", "link_latency_us", "link_GBps",
               "check_median_abs_error", "projected_speedup_1024_s1", "projected_speedup_1024_s64"],
@@ -152,7 +152,7 @@ def test_batching(suites):
 
 def test_cpu(suites):
     """Each run's own CPU accounting, side by side: SFL's CPU per sample by role and kind adds up
-    to its summary's figure."""
+    to its summary's figure; each role's waiting share of its ranks' time is a percentage."""
     doc = bench(suites, "cpu")
     check_doc(doc, "cpu")
     runs = {r["run"]: r for r in doc["results"]["runs"]}
@@ -164,6 +164,9 @@ def test_cpu(suites):
         assert sum(p["total"] for p in parts) == pytest.approx(runs[f"sfl_{state}"]["cpu_us_per_sample"], rel=1e-3)
         split = next(p for p in parts if p["role"] == "split_server")
         assert split["compute"] > 0 and (split["scratch_io"] > 0) == (state == "file")
+        waits = {w["role"]: w["waiting_pct"] for w in doc["results"]["waiting"] if w["state"] == state}
+        assert set(waits) == {"fed_server", "split_server", "client"} and all(0 <= w < 100 for w in waits.values())
+        assert max(waits.values()) == doc["summary"][f"mlp_sfl_{state}_waiting_pct_max"]
 
 
 def test_startup(suites):
