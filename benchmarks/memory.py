@@ -85,8 +85,8 @@ def run(level: str, work: Path, args) -> dict:
              f"point (1 round: {kmax}/k steps); peak RSS = ru_maxrss of the split server process "
              "(metrics.jsonl peak_rss_mb.split_server), which includes the interpreter and torch.",
              f"The activation h at the cut is {act_mb:.2f} MiB per batch: graph mode keeps it and the "
-             "graph behind z, memory mode keeps h, file mode keeps a file name. Outgoing dl/dh buffers "
-             "are released as soon as the client has taken them.",
+             "graph behind z, memory mode keeps h, file mode keeps a file name. Outgoing z and dl/dh buffers "
+             "are released once the client has taken them, at the split server's next send or step end.",
              "growth = peak(max clients) / peak(1 client) - 1; mb_per_inflight_batch = least-squares slope.",
              "held_mb (metrics.jsonl): what a rank held for batches in flight, counted by the code itself: the "
              "most its sends not yet taken by the peer held at once, plus its reused receive buffers, plus the "
