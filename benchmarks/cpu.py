@@ -97,5 +97,5 @@ def run(level: str, work: Path, args) -> dict:
             + table(parts, ["model", "state", "role", *CPU_KINDS], "cpu: SFL's CPU per sample by role and kind (µs)")
             + "\n\n" + table(waits, ["model", "state", "role", "waiting_pct"],
                              "cpu: waiting, % of each rank's training time"))
-    return {"settings": s, "results": {"runs": rows, "breakdown": parts, "waiting": waits}, "summary": summary, "notes": notes,
-            "text": text}
+    return {"settings": s, "results": {"runs": rows, "breakdown": parts, "waiting": waits}, "summary": summary,
+            "notes": notes, "text": text}

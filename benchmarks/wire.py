@@ -61,11 +61,12 @@ def run(level: str, work: Path, args) -> dict:
              "transport = mpi_sfl Transport.isend + wait_sends / recv (a 96-byte header message, then "
              "the payload) with the wait mode training picks here (run.wait = auto: blocking when each "
              "rank has a core); transport_poll = the same with run.wait = poll and no doorbells (test + "
-             "sleeps: it costs latency and large-message progress by design); transport_bell = run.wait = poll with "
-             "doorbells, what training uses when ranks outnumber cores (a wait for a message sleeps until its "
-             "sender rings; bell_vs_transport = its speed against the spinning transport's); raw = blocking Send/Recv of a numpy buffer; pickle = send/recv of the torch tensor."]
-    text = table(rows, ["size", "transport_us", "transport_poll_us", "transport_bell_us", "raw_us", "pickle_us", "transport_GBps",
-                        "raw_GBps", "pickle_GBps", "transport_vs_raw", "poll_vs_raw", "bell_vs_transport",
-                        "transport_vs_pickle"],
+             "sleeps: it costs latency and large-message progress by design); transport_bell = run.wait = poll "
+             "with doorbells, what training uses when ranks outnumber cores (a wait for a message sleeps until "
+             "its sender rings; bell_vs_transport = its speed against the spinning transport's); raw = blocking "
+             "Send/Recv of a numpy buffer; pickle = send/recv of the torch tensor."]
+    text = table(rows, ["size", "transport_us", "transport_poll_us", "transport_bell_us", "raw_us", "pickle_us",
+                        "transport_GBps", "raw_GBps", "pickle_GBps", "transport_vs_raw", "poll_vs_raw",
+                        "bell_vs_transport", "transport_vs_pickle"],
                  "wire: ping-pong, 2 ranks, medians")
     return {"settings": s, "results": rows, "summary": summary, "notes": notes, "text": text}

@@ -172,7 +172,7 @@ class ClientRank:
         job, t, rnd, server, n = self.job, self.job.transport, plan.rnd, self.server, len(active)
         inbox = Inbox(t, {(server, GRAD_IN): n if self.cfg.grad_input else 0, (server, OUT): n if self.cfg.u_shape else 0})
         # The server's doorbell rings once per burst it takes together: a batched group's h (cut as
-        # the server cuts them, serving.batch_groups), else each h; label-sharing: with the labels.
+        # the server cuts a rank's batches, serving.cut_groups), else each h; label-sharing: with the labels.
         last = ({g[-1] for g in cut_groups(plan, step, [c.cid for c in active])} if self.batched
                 else {c.cid for c in active})
         for c in active:
